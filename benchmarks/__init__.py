@@ -1,0 +1,1 @@
+"""Benchmark scripts: figures and ratios measured against a baseline in the same run."""

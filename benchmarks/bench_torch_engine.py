@@ -1,0 +1,66 @@
+"""Torch engine speed on the CPU: greedy output tokens/s at batch 1 and batch 16.
+
+Random weights in the glm-small shape (shared/glm-fixtures/bench), a fixed seeded prompt set,
+every batch size run on the same prompts in this process; prints a table and the ratio to
+batch 1.
+
+    python -m benchmarks.bench_torch_engine [--num-prompts 32] [--max-new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.workload import bench_checkpoint, infill_texts
+from pipeline.infill import SamplingParams, run_procedures
+from pipeline.torch_engine import TorchEngine
+
+
+def measure(engine: TorchEngine, texts: list[str], params: SamplingParams) -> dict[str, float]:
+    start = time.perf_counter()
+    results = run_procedures(engine, texts, "iterative", params)
+    seconds = time.perf_counter() - start
+    assert not any(r.error_type for r in results), [r.error_message for r in results]
+    output = sum(len(f.token_ids) + (f.finish_reason == "stop") for r in results
+                 for f in r.fills)
+    return {"seconds": seconds, "output_tokens": output, "tokens_per_s": output / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = bench_checkpoint(Path(tmp), args.dtype)
+        engine = TorchEngine(model_dir, dtype=args.dtype, device=args.device)
+        texts = infill_texts(engine.tokenizer, args.num_prompts, max_masks=1)
+        params = SamplingParams(max_new_tokens=args.max_new_tokens)
+        lengths = [len(engine.tokenizer.encode(t)) for t in texts]
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, "
+              f"{args.dtype}; {len(texts)} single-blank prompts, context tokens "
+              f"{min(lengths)}-{max(lengths)} (mean {sum(lengths) / len(lengths):.0f}), "
+              f"greedy, up to {args.max_new_tokens} new tokens")
+        measure(engine, texts[:2], params)  # warm-up
+        rows = []
+        for batch_size in args.batch_sizes:
+            engine.max_batch_size = batch_size
+            rows.append((batch_size, measure(engine, texts, params)))
+    base = rows[0][1]["tokens_per_s"]
+    print(f"{'batch':>5} {'seconds':>8} {'out tokens':>10} {'out tok/s':>10} {'vs first':>8}")
+    for batch_size, row in rows:
+        print(f"{batch_size:>5} {row['seconds']:>8.2f} {row['output_tokens']:>10} "
+              f"{row['tokens_per_s']:>10.1f} {row['tokens_per_s'] / base:>7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
