@@ -34,9 +34,10 @@ def infill_texts(tokenizer: GLMTokenizer, count: int, seed: int = 0, min_tokens:
     Blanks are [MASK] and [sMASK] anywhere, and [gMASK] only at the end (its meaning).
     """
     rng = random.Random(seed)
-    vocabulary = ("the model reads context in both directions and writes each answer left to "
-                  "right file data table city river mode caller method sort value year "
-                  "北京 中国 首都 城市 question answer general purpose language").split()
+    vocabulary = ["the", "model", "reads", "context", "in", "both", "directions", "and",
+                  "writes", "each", "answer", "left", "to", "right", "file", "data", "table",
+                  "city", "river", "mode", "caller", "method", "sort", "value", "year", "北京",
+                  "中国", "首都", "城市", "question", "general", "purpose", "language"]
     cost = {word: len(tokenizer.tokenize_ids(word)) for word in vocabulary}
     texts = []
     for _ in range(count):

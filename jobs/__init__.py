@@ -1,0 +1,1 @@
+"""Job entry points and the default job config (`default.yaml`)."""

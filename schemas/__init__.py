@@ -1,0 +1,1 @@
+"""Versioned schemas of what glm-infill writes (see schemas/README.md)."""
