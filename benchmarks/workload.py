@@ -7,12 +7,11 @@ import shutil
 from pathlib import Path
 
 from pipeline.checkpoint import load_config, random_state_dict, save_checkpoint
+from pipeline.demo import TOKENIZER_FILES
 from pipeline.tokenization import GLMTokenizer
 from pipeline.torch_engine import resolve_dtype
 
 BENCH_MODEL = Path(__file__).resolve().parents[2] / "shared" / "glm-fixtures" / "bench" / "model"
-TOKENIZER_FILES = ("cog-pretrain.model", "added_tokens.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
 MASKS = ("[MASK]", "[sMASK]", "[gMASK]")
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.checkpoint import GLMConfig, random_state_dict, save_checkpoint
+from pipeline.demo import TOKENIZER_FILES
 from pipeline.tokenization import GLMTokenizer, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -17,8 +18,6 @@ FIXTURES = SHARED / "glm-fixtures" / "public"
 FIXTURE_MODEL = FIXTURES / "model"
 FIXTURE_CASES = FIXTURES / "cases"
 FIXTURE_MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())
-TOKENIZER_FILES = ("cog-pretrain.model", "added_tokens.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
 
 
 def case_logits(case: dict, name: str) -> np.ndarray:
