@@ -26,27 +26,18 @@ from pipeline.infill import (
     run_procedures,
     start_procedure,
 )
-from schemas.output import FILL_TYPE
+from schemas.output import OUTPUT_SCHEMA
 
 logger = logging.getLogger(__name__)
 
+# the output columns that vary per row (model, engine and multi_mask are the job's constants,
+# added at write time), nullable while a row is in flight, plus what the stages pass along
 WORK_SCHEMA = pa.schema([
-    pa.field("id", pa.string()),
-    pa.field("source_file", pa.string()),
-    pa.field("row_index", pa.int64()),
+    *(field.with_nullable(True) for field in OUTPUT_SCHEMA
+      if field.name not in ("model", "engine", "multi_mask")),
     pa.field("shard_rows", pa.int64()),  # rows of the whole shard: tells the writer it is done
     pa.field("text", pa.string()),
     pa.field("record", pa.string()),  # the input row's selected columns as JSON
-    pa.field("prompt", pa.string()),
-    pa.field("target", pa.string()),
-    pa.field("budget_action", pa.string()),
-    pa.field("prompt_token_ids", pa.list_(pa.int32())),
-    pa.field("fills", pa.list_(FILL_TYPE)),
-    pa.field("output_text", pa.string()),
-    pa.field("prompt_tokens", pa.int32()),
-    pa.field("output_tokens", pa.int32()),
-    pa.field("error_type", pa.string()),
-    pa.field("error_message", pa.string()),
 ])
 
 
