@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.workload import bench_checkpoint, infill_texts
-from pipeline.infill import SamplingParams, run_procedures
-from pipeline.torch_engine import TorchEngine
+from pipeline.engines.torch_engine import TorchEngine
+from pipeline.glm.checkpoint import DType
+from pipeline.glm.requests import MultiMask, SamplingParams
 
 
 def measure(engine: TorchEngine, texts: list[str], params: SamplingParams) -> dict[str, float]:
     start = time.perf_counter()
-    results = run_procedures(engine, texts, "iterative", params)
+    results = engine.fill(texts, MultiMask.ITERATIVE, params)
     seconds = time.perf_counter() - start
     assert not any(r.error_type for r in results), [r.error_message for r in results]
     output = sum(len(f.token_ids) + (f.finish_reason == "stop") for r in results
@@ -36,13 +37,14 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default=DType.FLOAT32, type=DType, choices=list(DType))
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = bench_checkpoint(Path(tmp), args.dtype)
         engine = TorchEngine(model_dir, dtype=args.dtype, device=args.device)
+        # every batch size runs on these weights: the batch size is read per `generate` call
         texts = infill_texts(engine.tokenizer, args.num_prompts, max_masks=1)
         params = SamplingParams(max_new_tokens=args.max_new_tokens)
         lengths = [len(engine.tokenizer.encode(t)) for t in texts]

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
-import shutil
 from pathlib import Path
 
-from pipeline.checkpoint import load_config, random_state_dict, save_checkpoint
-from pipeline.demo import TOKENIZER_FILES
-from pipeline.tokenization import GLMTokenizer
-from pipeline.torch_engine import resolve_dtype
+from pipeline.glm.checkpoint import DType, load_config, write_random_checkpoint
+from pipeline.glm.tokenization import GLMTokenizer
 
 BENCH_MODEL = Path(__file__).resolve().parents[2] / "shared" / "glm-fixtures" / "bench" / "model"
 MASKS = ("[MASK]", "[sMASK]", "[gMASK]")
 
 
-def bench_checkpoint(out_dir: Path, dtype: str = "float32", seed: int = 0,
+def bench_checkpoint(out_dir: Path, dtype: DType | str = DType.FLOAT32, seed: int = 0,
                      **shape_overrides: int) -> Path:
     """glm-small (shared/glm-fixtures/bench) with random weights; overrides rescale it."""
-    config = load_config(BENCH_MODEL)
-    config = type(config)(**{**config.__dict__, **shape_overrides})
-    save_checkpoint(random_state_dict(config, seed, resolve_dtype(dtype)), config, out_dir)
-    for name in TOKENIZER_FILES:
-        shutil.copy(BENCH_MODEL / name, out_dir / name)
-    return out_dir
+    config = dataclasses.replace(load_config(BENCH_MODEL), **shape_overrides)
+    return write_random_checkpoint(out_dir, config, BENCH_MODEL, seed, DType(dtype))
 
 
 def infill_texts(tokenizer: GLMTokenizer, count: int, seed: int = 0, min_tokens: int = 64,

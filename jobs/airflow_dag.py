@@ -5,7 +5,7 @@ Each run submits `python -m jobs.run_infill CONFIG --set output.path=<prefix>/dt
 tail of the job's log when the job fails. Retries are safe: the submission id comes from the
 dag id and the logical date (see `jobs/ray_submit.py`), so a retry waits for a job that still
 runs, does nothing after one that succeeded, and resubmits after one that failed; the
-pipeline resumes from the shards it already committed.
+pipeline resumes from the work units it already committed.
 
 Where the cluster is: the `ray_address` param (trigger form), else the Airflow Variable
 `glm_infill_ray_address`, else `http://127.0.0.1:8265`. A token-authenticated cluster

@@ -8,7 +8,7 @@ the same for every try. Attempt 0 is submitted under the base id, later attempts
 `<base>-retry<N>`. Before submitting, `ensure_submitted` looks up the latest attempt:
 SUCCEEDED -> nothing to submit; PENDING/RUNNING -> wait for that job instead of starting a
 second one; FAILED/STOPPED -> submit the next attempt. The job itself writes one output
-partition per data interval and resumes from the shards it already committed, so a new
+partition per data interval and resumes from the work units it already committed, so a new
 attempt never duplicates rows.
 """
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.job import main_run
+from pipeline.cli import run_main
 
 if __name__ == "__main__":
-    sys.exit(main_run(sys.argv[1:]))
+    sys.exit(run_main(sys.argv[1:]))

@@ -1,7 +1,9 @@
 """glm-infill: offline blank infilling with the original GLM models on Ray and vLLM.
 
-The SDK names are imported on first use, so `import pipeline.tokenization` (and every Ray
-worker) does not pay for Ray, pyarrow and torch up front.
+Layers, imported one way only (docs/architecture.md): `pipeline.job` (the Ray batch job) ->
+`pipeline.engines` (torch and vLLM engines) -> `pipeline.glm` (checkpoints, tokenizers, the
+network, the multi-mask procedures). The SDK names are imported on first use, so
+`import pipeline.glm.tokenization` (and every Ray worker) does not pay for Ray and torch up front.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "InfillJob": "pipeline.job",
-    "JobFailed": "pipeline.job",
-    "JobConfig": "pipeline.config",
-    "load_config": "pipeline.config",
+    "InfillJob": "pipeline.job.runner",
+    "JobFailed": "pipeline.job.runner",
+    "JobConfig": "pipeline.job.config",
+    "load_config": "pipeline.job.config",
 }
 __all__ = sorted(_EXPORTS)
 

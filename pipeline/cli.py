@@ -1,8 +1,15 @@
-"""`glm-infill` command line: `fill` answers blanks in texts, `run` runs a pipeline job.
+"""`glm-infill`: every command of the project in one place.
 
-`fill` is a stable contract other checks rely on: one JSON object per TEXT on stdout,
-`{"text", "prompt_token_ids", "fills": [{"mask", "text", "token_ids", "finish_reason"}],
-"output_text"}`. Bad input is reported on stderr and makes the exit status non-zero.
+* `fill` answers the blanks of texts. It is a stable contract other checks rely on: one JSON
+  object per TEXT on stdout, `{"text", "prompt_token_ids", "fills": [{"mask", "text",
+  "token_ids", "finish_reason"}], "output_text"}`; bad input is reported on stderr and makes
+  the exit status non-zero.
+* `run` runs a pipeline job from a YAML config (default: the embedded demo job).
+
+Exit codes (both commands): 0 success; 1 the data did not pass (a `fill` text that cannot be
+filled; a job above `output.max_error_rate`, or with an unreadable input file); 2 usage or
+config error; 3 infrastructure failure (storage, network, an engine that died), after retries;
+130 interrupted (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -11,14 +18,37 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
-from pipeline.checkpoint import CheckpointError
-from pipeline.engines import ENGINES, make_engine
-from pipeline.infill import MULTI_MASK_PROCEDURES, SamplingParams, run_procedures
-from pipeline.tokenization import TokenizerError
+from pydantic import BaseModel
 
-VLLM_OPTIONS = ("max_num_seqs", "kv_cache_gb", "tensor_parallel_size",
-                "gpu_memory_utilization", "max_model_len")
+from pipeline.engines.base import ENGINE_OPTIONS, EngineName
+from pipeline.glm.checkpoint import DType
+from pipeline.glm.requests import MultiMask, SamplingParams
+
+
+def _usage_error(message: str) -> NoReturn:
+    """One line on stderr and exit status 2, never a traceback."""
+    print(f"glm-infill fill: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
+                     title: str | None = None, defaults: bool = True) -> None:
+    """One flag per field of a pydantic model, with its type, default and description."""
+    group = parser.add_argument_group(title) if title else parser
+    for name, field in model.model_fields.items():
+        kind = next((t for t in (int, float, str) if t in (field.annotation,
+                     *getattr(field.annotation, "__args__", ()))), str)
+        default = field.default if defaults else None  # None: tells "not given" apart
+        help_text = field.description or ""
+        if field.default is not None:
+            help_text += f" (default: {field.default})"
+        group.add_argument(_flag(name), dest=name, type=kind, default=default, help=help_text)
 
 
 def _add_fill_parser(commands: argparse._SubParsersAction) -> None:
@@ -27,51 +57,107 @@ def _add_fill_parser(commands: argparse._SubParsersAction) -> None:
                       help="text with [MASK], [sMASK] or [gMASK] blanks")
     fill.add_argument("--model", help="GLM checkpoint directory (default: the demo checkpoint, "
                       "random weights, created on first use)")
-    fill.add_argument("--engine", choices=ENGINES, default="torch")
-    fill.add_argument("--multi-mask", choices=MULTI_MASK_PROCEDURES, default="iterative")
-    fill.add_argument("--max-new-tokens", type=int, default=32, help="per blank")
-    fill.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
-    fill.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    fill.add_argument("--top-p", type=float, default=1.0)
-    fill.add_argument("--seed", type=int, default=None)
-    fill.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    fill.add_argument("--engine", choices=list(EngineName), default=EngineName.TORCH)
+    fill.add_argument("--multi-mask", choices=list(MultiMask), default=MultiMask.ITERATIVE)
+    fill.add_argument("--dtype", choices=list(DType), default=DType.FLOAT32)
     fill.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    vllm = fill.add_argument_group("vLLM engine options")
-    vllm.add_argument("--max-num-seqs", type=int)
-    vllm.add_argument("--kv-cache-gb", type=float, help="KV cache size (CPU)")
-    vllm.add_argument("--tensor-parallel-size", type=int)
-    vllm.add_argument("--gpu-memory-utilization", type=float)
-    vllm.add_argument("--max-model-len", type=int)
+    _add_model_flags(fill, SamplingParams, "sampling")
+    for engine, options in ENGINE_OPTIONS.items():
+        _add_model_flags(fill, options, f"{engine} engine options", defaults=False)
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line; options of another engine are a usage error."""
+    chosen: dict[str, Any] = {}
+    for engine, options in ENGINE_OPTIONS.items():
+        given = {n: getattr(args, n) for n in options.model_fields if getattr(args, n) is not None}
+        if engine == args.engine:
+            chosen = given
+        elif given:
+            flags = ", ".join(_flag(n) for n in given)
+            _usage_error(f"{flags} only apply to --engine {engine}")
+    return chosen
 
 
 def fill_main(args: argparse.Namespace) -> int:
-    options = {name: getattr(args, name) for name in VLLM_OPTIONS
-               if getattr(args, name) is not None}
-    if options and args.engine != "vllm":
-        raise SystemExit(f"glm-infill fill: {', '.join(options)} only apply to --engine vllm")
+    from pydantic import ValidationError
+
+    from pipeline.engines import make_engine
+    from pipeline.glm.checkpoint import CheckpointError
+    from pipeline.glm.tokenization import TokenizerError
+
+    options = _engine_options(args)
     try:
-        params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                args.seed)
-    except ValueError as err:
-        raise SystemExit(f"glm-infill fill: {err}") from None
+        params = SamplingParams(**{n: getattr(args, n) for n in SamplingParams.model_fields})
+    except ValidationError as err:
+        problems = "; ".join(f"{_flag(str(e['loc'][0]))}: {e['msg']}" for e in err.errors())
+        _usage_error(problems)
     model = args.model
     if model is None:
-        from pipeline.demo import ensure_demo_checkpoint
+        from pipeline.glm.demo import ensure_demo_checkpoint
 
         model = ensure_demo_checkpoint()
     try:
-        engine = make_engine(args.engine, model, dtype=args.dtype, device=args.device, **options)
+        engine = make_engine(args.engine, model, args.dtype, args.device, options)
     except (CheckpointError, TokenizerError, OSError) as err:
-        raise SystemExit(f"glm-infill fill: cannot load model: {err}") from None
+        _usage_error(f"cannot load model: {err}")
     status = 0
-    for result in run_procedures(engine, args.texts, args.multi_mask, params):
-        if result.error_type:
-            print(f"glm-infill fill: {result.error_type}: {result.error_message} "
-                  f"(text: {result.text!r})", file=sys.stderr)
-            status = 1
-            continue
-        print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
+    per_text = [params.for_row("text", i) for i in range(len(args.texts))]
+    with engine:
+        for result in engine.fill(args.texts, args.multi_mask, per_text):
+            if result.error_type:
+                print(f"glm-infill fill: {result.error_type}: {result.error_message} "
+                      f"(text: {result.text!r})", file=sys.stderr)
+                status = 1
+                continue
+            print(json.dumps(result.to_json(), ensure_ascii=False), flush=True)
     return status
+
+
+def run_main(argv: list[str]) -> int:
+    """`glm-infill run [CONFIG] [--set k=v ...] [--overwrite]` (exit codes: module doc)."""
+    parser = argparse.ArgumentParser(prog="glm-infill run", description="Run an infill job.")
+    parser.add_argument("config", nargs="?", help="job YAML, local or s3://, gs://, az:// "
+                        "(default: the embedded demo job, jobs/default.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key, e.g. "
+                        "--set sampling.max_new_tokens=8 (value parsed as YAML)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo every unit (same as --set output.overwrite=true)")
+    args = parser.parse_args(argv)
+
+    from pipeline.job.config import ConfigError
+    from pipeline.job.manifest import summary
+    from pipeline.job.plan import SourceError
+    from pipeline.job.runner import (
+        PREFIX,
+        InfillJob,
+        InfrastructureError,
+        JobFailed,
+        JobInterrupted,
+        default_config_path,
+    )
+    from pipeline.job.storage import OutputError, StorageError
+
+    overrides = args.overrides + (["output.overwrite=true"] if args.overwrite else [])
+    try:
+        job = InfillJob.from_yaml(args.config or default_config_path(), overrides)
+        manifest = job.run()
+    except (ConfigError, SourceError, OutputError, StorageError) as err:
+        print(f"{PREFIX} error: {err}", file=sys.stderr)
+        return 2
+    except JobFailed as err:
+        print(f"{PREFIX} failed: {err}", file=sys.stderr)
+        return 1
+    except InfrastructureError as err:
+        print(f"{PREFIX} failed (infrastructure, nothing in flight was committed; run again to "
+              f"resume): {err}", file=sys.stderr)
+        return 3
+    except JobInterrupted as err:
+        print(f"{PREFIX} interrupted: {err}", file=sys.stderr)
+        return 130
+    print(f"{PREFIX} {summary(manifest)}", flush=True)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,9 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("job_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "run":
-        from pipeline.job import main_run
-
-        return main_run(args.job_args)
+        return run_main(args.job_args)
     return fill_main(args)
 
 

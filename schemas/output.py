@@ -1,4 +1,4 @@
-"""The output Parquet schema: one file per input shard, one row per input row.
+"""The output Parquet schema: one part file per work unit, one row per input row.
 
 Bump SCHEMA_VERSION on any change that a reader could notice (a column added, removed,
 renamed or retyped); it is stored in every file's metadata and in the run manifest.
@@ -40,6 +40,9 @@ OUTPUT_SCHEMA = pa.schema([
 META_SCHEMA_VERSION = b"glm_infill.schema_version"
 META_CONFIG_HASH = b"glm_infill.config_hash"
 META_SOURCE_FILE = b"glm_infill.source_file"
+META_UNIT = b"glm_infill.unit"  # the unit's number within its source file
+META_LAST_UNIT = b"glm_infill.last_unit"  # "true" on the last unit of a compressed file
+META_DAMAGE = b"glm_infill.damage"  # why a compressed file ends early (its last unit)
 
 
 def output_schema(kept_columns: pa.Schema | None = None) -> pa.Schema:

@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet \
-    -e '.[cpu,dev,airflow]'
+    -e '.[cpu,dev,bench,airflow]'
 # PyPI's torchvision/torchaudio are CUDA builds that break `import transformers` beside the
 # CPU torch; triton is unused on the CPU (design.md §4).
 .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton \

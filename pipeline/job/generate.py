@@ -1,0 +1,86 @@
+"""Generate: the stage that fills the prompts, one engine per actor, loaded once.
+
+An engine with continuous batching (vLLM) gets every row of a unit at once, each driven by its
+own task (`afill`) with at most `max_in_flight` rows in flight per actor, and concurrent units
+share that bound, so the engine stays busy across unit boundaries. Other engines get the rows
+through `fill`, `resources.batch_size` at a time.
+
+A row's own problem (a request the engine refuses) comes back as that row's error. Anything
+else the engine raises is a fault of the machinery: it propagates, the unit is not committed,
+Ray restarts a dead actor and retries its calls, and a fault that persists fails the job.
+
+Each row samples with its own seed, derived from `sampling.seed` and the row's identity (source
+file and row index): reproducible run to run, independent of batching and of the actor, and
+different rows sample independently. Without `sampling.seed` rows sample without a seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.engines import make_engine
+from pipeline.glm.procedures import FillResult
+from pipeline.glm.requests import SamplingParams
+from pipeline.job.config import JobConfig, model_dir
+from pipeline.job.rows import node_id, to_block
+
+
+class GenerateStage:
+    """Fills the prompts of a block; a row's own problem becomes that row's error."""
+
+    def __init__(self, config: dict[str, Any], demo_dir: str):
+        job = JobConfig.model_validate(config)
+        model = job.model
+        self.engine = make_engine(model.engine, model_dir(model, demo_dir), model.dtype,
+                                  model.device, model.engine_options)
+        self.multi_mask = job.sampling.multi_mask
+        self.params = job.sampling.params()
+        self.batch_size = job.resources.batch_size
+        # Bound to the actor's event loop on first use (Python >= 3.10), not here.
+        self._in_flight = asyncio.Semaphore(job.resources.max_in_flight)
+        self.worker = f"{node_id()}:{os.getpid()}"
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        todo = [row for row in rows if row["error_type"] is None]
+        texts = [row["prompt"] for row in todo]
+        params = [self.params.for_row(row["source_file"], row["row_index"]) for row in todo]
+        if self.engine.continuous_batching:
+            results = await asyncio.gather(*(self._fill_one(text, p)
+                                             for text, p in zip(texts, params, strict=True)))
+        else:
+            results = await asyncio.to_thread(self._fill_batches, texts, params)
+        for row, result in zip(todo, results, strict=True):
+            _record_fill(row, result)
+        for row in rows:
+            row["generated_by"] = self.worker
+        return to_block(rows)
+
+    async def _fill_one(self, text: str, params: SamplingParams) -> FillResult:
+        async with self._in_flight:
+            return await self.engine.afill(text, self.multi_mask, params)
+
+    def _fill_batches(self, texts: list[str], params: list[SamplingParams]) -> list[FillResult]:
+        results: list[FillResult] = []
+        for start in range(0, len(texts), self.batch_size):
+            end = start + self.batch_size
+            results += self.engine.fill(texts[start:end], self.multi_mask, params[start:end])
+        return results
+
+
+def _record_fill(row: dict[str, Any], result: FillResult) -> None:
+    fills = [dict(mask=f.mask, text=f.text, token_ids=f.token_ids,
+                  finish_reason=f.finish_reason) for f in result.fills]
+    row.update(
+        prompt_token_ids=result.prompt_token_ids,
+        fills=fills,
+        output_text=result.output_text if result.error_type is None else None,
+        prompt_tokens=len(result.prompt_token_ids),
+        output_tokens=sum(len(f["token_ids"]) for f in fills),
+        error_type=result.error_type,
+        error_message=result.error_message,
+    )

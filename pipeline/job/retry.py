@@ -1,0 +1,78 @@
+"""Retries for infrastructure faults: storage that is down, slow or throttling, a worker that
+died. A row's own problem is never retried (it becomes an error row); damaged data (a corrupt
+footer, a truncated archive) is not a fault either and is not retried.
+
+The policy comes from the job's `retry:` section; it changes how a run copes, never what a row
+becomes, so it is not part of the config hash.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+DAMAGE_MARKERS = ("compressed stream", "inflate", "decompress", "zstd", "gzip")
+
+
+class RetryPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attempts: int = Field(6, ge=1, description="tries of each storage operation")
+    first_backoff_s: float = Field(0.5, ge=0, description="wait before the second try")
+    max_backoff_s: float = Field(30.0, ge=0, description="longest wait between tries")
+
+    def backoff(self, attempt: int) -> float:
+        return min(self.first_backoff_s * 2 ** attempt, self.max_backoff_s)
+
+
+def is_damaged_data(err: BaseException) -> bool:
+    """A decompression failure: the bytes are bad, reading them again will not help."""
+    message = str(err).lower()
+    return isinstance(err, OSError) and any(marker in message for marker in DAMAGE_MARKERS)
+
+
+def is_fault(err: BaseException) -> bool:
+    """Storage and network trouble (pyarrow and boto raise OSError for all of it)."""
+    return isinstance(err, OSError) and not is_damaged_data(err)
+
+
+def _wait(policy: RetryPolicy, attempt: int, what: str, err: Exception) -> None:
+    delay = policy.backoff(attempt)
+    logger.warning("%s failed (%s: %s); try %d of %d in %.1fs", what, type(err).__name__, err,
+                   attempt + 2, policy.attempts, delay)
+    time.sleep(delay)
+
+
+def with_retries(operation: Callable[[], T], what: str,
+                 policy: RetryPolicy | None = None) -> T:
+    """Run `operation`, retrying faults with exponential backoff; the last fault is raised."""
+    policy = policy or RetryPolicy()
+    for attempt in range(policy.attempts):
+        try:
+            return operation()
+        except Exception as err:
+            if not is_fault(err) or attempt + 1 == policy.attempts:
+                raise
+            _wait(policy, attempt, what, err)
+    raise AssertionError("unreachable")
+
+
+def retry_stream(make: Callable[[], Iterator[T]], what: str,
+                 policy: RetryPolicy | None = None) -> Iterator[T]:
+    """Yield from `make()`, starting it again after a fault; `make` must skip what an earlier
+    attempt already yielded."""
+    policy = policy or RetryPolicy()
+    for attempt in range(policy.attempts):
+        try:
+            yield from make()
+            return
+        except Exception as err:
+            if not is_fault(err) or attempt + 1 == policy.attempts:
+                raise
+            _wait(policy, attempt, what, err)

@@ -1,0 +1,321 @@
+"""The job runner: `InfillJob` (the SDK) plans, resumes and runs a job on Ray Data.
+
+A run lists the input files, cuts them into work units (plan.py), leaves out the units an
+earlier run of the same config committed (resume), and streams the rest through read ->
+prompts -> generate -> write on Ray Data. Parts are written on the workers; the driver only
+receives one small commit record per unit and keeps the manifest. A crash costs at most the
+units in flight.
+
+How a run ends (and the exit code `glm-infill run` gives it):
+* `succeeded` (0);
+* `failed` because of the data (1, `JobFailed`): the error rate is above
+  `output.max_error_rate`, or a file could not be parsed or is damaged and
+  `source.skip_unreadable_files` is off. Everything readable is committed first;
+* `failed` because of the machinery (3, `InfrastructureError`): storage, network, a dead engine
+  that Ray could not bring back, after the retries. Units in flight are not committed and the
+  next run redoes them;
+* `failed` because it was interrupted (130, `JobInterrupted`: Ctrl-C or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.job.config import ConfigError, JobConfig, load_config, validate
+from pipeline.job.manifest import BYTES_PER_ROW, Progress, RunManifest
+from pipeline.job.plan import Plan, Unit, is_inside, list_files, plan_units
+from pipeline.job.storage import OutputError, OutputStore
+from pipeline.job.write import unit_stats
+from schemas.output import (
+    META_CONFIG_HASH,
+    META_DAMAGE,
+    META_LAST_UNIT,
+    META_SOURCE_FILE,
+    META_UNIT,
+)
+
+if TYPE_CHECKING:
+    import ray.data
+
+PREFIX = "[glm-infill]"
+READ_CPUS = 0.5  # fractional, so that reads never starve the actors on small machines
+PROMPT_CPUS = 0.25
+WRITE_CPUS = 0.25
+MAX_UNIT_BLOCK = 1 << 30  # above any unit: Ray Data must not split a unit's block
+
+
+class JobFailed(RuntimeError):
+    """The job ran and committed what it could, but the data did not pass (exit 1)."""
+
+
+class InfrastructureError(RuntimeError):
+    """A fault of the machinery that the retries did not overcome (exit 3)."""
+
+
+class JobInterrupted(BaseException):
+    """Ctrl-C or SIGTERM (exit 130)."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (ray job stop, Airflow, a scheduler) ends the run like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise JobInterrupted(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _log(message: str) -> None:
+    print(f"{PREFIX} {message}", file=sys.stderr, flush=True)
+
+
+def _connect(config: JobConfig) -> None:
+    """Join the configured or current cluster; otherwise start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
+
+
+class InfillJob:
+    """One infill job: a validated config and the means to run it on Ray."""
+
+    def __init__(self, config: JobConfig, log: Callable[[str], None] = _log):
+        self.config = config
+        self.log = log
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> InfillJob:
+        """A job from a YAML file (local or object storage) and `key.sub=value` overrides."""
+        return cls(load_config(path, list(overrides)))
+
+    @classmethod
+    def from_kwargs(cls, **sections: Any) -> InfillJob:
+        """A job from config sections given as dicts or section models."""
+        raw = {name: value.model_dump() if hasattr(value, "model_dump") else value
+               for name, value in sections.items()}
+        return cls(validate(raw))
+
+    def _check_paths(self) -> None:
+        """An output inside an input folder would be read back as input by the next run."""
+        output = self.config.output.path
+        for path in self.config.source.paths:
+            folder = path[:min([path.find(c) for c in "*?[" if c in path] or [len(path)])]
+            if is_inside(output, folder.rstrip("/") or "/"):
+                raise ConfigError(f"output.path {output} lies inside source path {path}: the "
+                                  "next run would read the results as input; choose an output "
+                                  "outside every source path")
+
+    def _check_output(self, store: OutputStore, config_hash: str) -> dict[str, Any]:
+        """Committed parts by name; refuses outputs of another config unless overwrite."""
+        if self.config.output.overwrite:
+            store.clear()
+            return {}
+
+        def refuse(where: str, found: str) -> OutputError:
+            return OutputError(
+                f"{where} holds results of another config (hash {found[:12]}, this one "
+                f"{config_hash[:12]}); set output.overwrite: true (--overwrite) or choose "
+                "another output.path")
+
+        previous = store.read_manifest()
+        if previous and previous.get("config_hash") != config_hash:
+            raise refuse(store.uri, str(previous.get("config_hash")))
+        committed = store.committed()
+        for name, meta in committed.items():
+            found = (meta.metadata or {}).get(META_CONFIG_HASH, b"").decode()
+            if found != config_hash:
+                raise refuse(f"{store.uri}/{name}", found)
+        store.clear_tmp()
+        return committed
+
+    def _check_model(self) -> None:
+        """Fail before starting Ray when the checkpoint here is unusable. A path missing on
+        the driver may still exist on the workers (a cluster's model volume): only warn."""
+        from pipeline.glm.checkpoint import CheckpointError, load_config
+
+        path = self.config.model.path
+        if path is None:
+            return
+        if not Path(path).exists():
+            self.log(f"warning: model.path {path} does not exist here; the workers must have it")
+            return
+        try:
+            load_config(path)
+        except CheckpointError as err:
+            raise ConfigError(f"model.path: {err}") from None
+
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) the job on the current Ray cluster; returns the manifest."""
+        config = self.config
+        self._check_model()
+        self._check_paths()
+        config_hash = config.config_hash()
+        store = OutputStore(config.output.path, config.source.storage)
+        files = list_files(config.source)
+        committed = self._check_output(store, config_hash)
+        run = RunManifest(config, store, files, self.log)
+        try:
+            with _sigterm_interrupts():
+                return self._run(run, store, files, committed)
+        except (JobFailed, ConfigError):
+            raise
+        except JobInterrupted as err:
+            run.save("failed", f"interrupted: {err}")
+            raise
+        except KeyboardInterrupt:
+            run.save("failed", "interrupted: Ctrl-C")
+            raise JobInterrupted("interrupted by Ctrl-C") from None
+        except Exception as err:
+            reason = f"{type(err).__name__}: {err}"
+            try:
+                run.save("failed", reason)
+            except Exception as save_err:  # the output store itself may be what failed
+                self.log(f"could not write the manifest: {save_err}")
+            raise InfrastructureError(reason) from err
+
+    def _run(self, run: RunManifest, store: OutputStore, files: list[str],
+             committed: dict[str, Any]) -> dict[str, Any]:
+        config = self.config
+        finished_streams = self._resume(run, store, committed)
+        _connect(config)
+        plan = plan_units(files, config.source, set(committed), finished_streams)
+        run.unreadable = plan.unreadable
+        self.log(f"job {run.hash[:12]}: {len(files)} files, {len(committed)} parts already "
+                 f"committed, {len(plan.units)} read tasks to do -> {store.uri}")
+        run.save("running")
+        if plan.units:
+            self._generate(run, plan)
+        self._check_complete(run, store, plan)
+        manifest = run.save("succeeded")
+        store.clear_tmp()
+        problems = self._data_problems(manifest)
+        if problems:
+            manifest = run.save("failed", problems)
+            raise JobFailed(f"{problems}; outputs and manifest are in {store.uri}")
+        return manifest
+
+    def _data_problems(self, manifest: dict[str, Any]) -> str | None:
+        config = self.config
+        if manifest["error_rate"] > config.output.max_error_rate:
+            return (f"{manifest['rows_error']} of {manifest['rows_in']} rows failed (error rate "
+                    f"{manifest['error_rate']:.3f} > output.max_error_rate "
+                    f"{config.output.max_error_rate})")
+        bad = {**manifest["unreadable_files"], **manifest["damaged_files"]}
+        if bad and not config.source.skip_unreadable_files:
+            first = next(iter(bad))
+            return (f"{len(bad)} input file(s) could not be read whole (e.g. {first}: "
+                    f"{bad[first]}); set source.skip_unreadable_files: true to accept that")
+        return None
+
+    def _resume(self, run: RunManifest, store: OutputStore, committed: dict[str, Any]
+                ) -> set[str]:
+        """Record the parts an earlier run committed; return the compressed files whose every
+        unit is committed (their last unit included)."""
+        units_by_file: dict[str, set[int]] = {}
+        last_unit: dict[str, int] = {}
+        for name, meta in committed.items():
+            info = meta.metadata or {}
+            source = info.get(META_SOURCE_FILE, b"").decode()
+            unit = int(info.get(META_UNIT, b"0"))
+            stats = unit_stats(store.read_part(name, ["error_type", "prompt_tokens",
+                                                      "output_tokens"]))
+            run.add_part({"part": name, "source_file": source, "unit": unit,
+                          "damage": info.get(META_DAMAGE, b"").decode() or None, **stats},
+                         "skipped")
+            units_by_file.setdefault(source, set()).add(unit)
+            if info.get(META_LAST_UNIT) == b"true":
+                last_unit[source] = unit
+        return {source for source, last in last_unit.items()
+                if units_by_file[source] >= set(range(last + 1))}
+
+    def _generate(self, run: RunManifest, plan: Plan) -> None:
+        """Stream the units through Ray Data; the driver sees only the commit records."""
+        expected = plan.rows_known + plan.bytes_unknown // BYTES_PER_ROW
+        with Progress(run, expected, self.config.output.progress_interval_s, self.log):
+            for record in build_dataset(self.config, plan.units, run.hash).iter_rows():
+                record = {**record, "error_types": json.loads(record["error_types"])}
+                run.add_part(record, "committed")
+
+    def _check_complete(self, run: RunManifest, store: OutputStore, plan: Plan) -> None:
+        """Every planned unit must now have its part (empty units are written by the read
+        task and send no record); otherwise the run failed, whatever Ray said."""
+        present = store.committed()
+        for name in set(present) - set(run.parts):  # empty units committed by readers
+            info = present[name].metadata or {}
+            run.add_part({"part": name, "source_file": info[META_SOURCE_FILE].decode(),
+                          "unit": int(info[META_UNIT]), "rows": 0, "ok": 0, "error": 0,
+                          "prompt_tokens": 0, "output_tokens": 0, "error_types": {},
+                          "damage": info.get(META_DAMAGE, b"").decode() or None}, "committed")
+        missing = [u.part for u in plan.units if u.index is not None and u.part not in present]
+        last = {u.uri: u for u in plan.units if u.index is None}
+        for name in present:
+            info = present[name].metadata or {}
+            if info.get(META_LAST_UNIT) == b"true":
+                last.pop(info[META_SOURCE_FILE].decode(), None)
+        if missing or last:
+            what = missing[:1] or [f"the end of {next(iter(last))}"]
+            raise InfrastructureError(f"{len(missing) + len(last)} unit(s) were not committed "
+                                      f"(e.g. {what[0]}); run the job again to finish them")
+
+
+def build_dataset(config: JobConfig, units: list[Unit], config_hash: str) -> ray.data.Dataset:
+    """read -> prompts -> generate -> write over the units: one unit is one block end to end
+    (one read task each, `batch_size=None` on every stage), so every call sees whole units."""
+    import ray.data
+
+    from pipeline.glm.demo import default_demo_dir
+    from pipeline.job.generate import GenerateStage
+    from pipeline.job.prompts import PromptStage
+    from pipeline.job.read import UnitDatasource
+    from pipeline.job.write import write_units
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # our own progress line (manifest.Progress)
+    context.target_max_block_size = max(context.target_max_block_size or 0, MAX_UNIT_BLOCK)
+    job = config.model_dump(mode="json")
+    stage_args = {"config": job, "demo_dir": str(default_demo_dir())}
+    res = config.resources
+    low, high = res.actor_range
+    ds = ray.data.read_datasource(UnitDatasource(units, job, config_hash),
+                                  override_num_blocks=len(units), num_cpus=READ_CPUS)
+    ds = ds.map_batches(PromptStage, fn_constructor_kwargs=stage_args, batch_size=None,
+                        batch_format="pyarrow", num_cpus=PROMPT_CPUS,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=high))
+    ds = ds.map_batches(
+        GenerateStage, fn_constructor_kwargs=stage_args, batch_size=None,
+        batch_format="pyarrow", num_cpus=res.num_cpus_per_actor, num_gpus=res.num_gpus,
+        # Two units per actor at a time: an async engine takes the next unit's rows while
+        # the last rows of the previous one decode.
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high,
+                                           max_tasks_in_flight_per_actor=2,
+                                           max_concurrent_calls_per_actor=2))
+    return ds.map_batches(write_units, fn_kwargs={"job": job, "config_hash": config_hash},
+                          batch_size=None, batch_format="pyarrow", num_cpus=WRITE_CPUS)
+
+
+def default_config_path() -> Path:
+    """`jobs/default.yaml`, shipped inside the package."""
+    return Path(str(resources.files("jobs") / "default.yaml"))

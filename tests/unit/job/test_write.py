@@ -1,0 +1,219 @@
+"""Writing outputs on the local filesystem: part names, the output schema, the write stage
+that commits each unit atomically, the output store and the storage helpers.
+
+The same code against S3 runs in tests/e2e/test_storage_s3.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pytest
+
+from pipeline.job.config import validate
+from pipeline.job.plan import part_name
+from pipeline.job.rows import WORK_SCHEMA
+from pipeline.job.storage import (
+    MANIFEST,
+    TMP_DIR,
+    OutputStore,
+    SourceFormat,
+    StorageConfig,
+    StorageError,
+    file_format,
+    is_data_file,
+    resolve,
+    strip_data_suffix,
+)
+from pipeline.job.write import COMMIT_SCHEMA, assemble, unit_stats, write_empty_unit, write_units
+from schemas.output import (
+    META_CONFIG_HASH,
+    META_DAMAGE,
+    META_LAST_UNIT,
+    META_SCHEMA_VERSION,
+    META_SOURCE_FILE,
+    META_UNIT,
+    OUTPUT_SCHEMA,
+)
+
+pytestmark = pytest.mark.timeout(60)
+HASH = "h" * 64
+
+
+def test_part_names_are_stable_and_distinct() -> None:
+    assert part_name("s3://b/x/data.jsonl.gz", 0) == part_name("s3://b/x/data.jsonl.gz", 0)
+    assert part_name("s3://b/x/data.jsonl.gz", 0) != part_name("s3://b/y/data.jsonl.gz", 0)
+    assert part_name("s3://b/x/data.jsonl.gz", 0) != part_name("s3://b/x/data.jsonl.gz", 1)
+    assert part_name("/d/my file.parquet", 3).endswith("-my_file-00003.parquet")
+    assert part_name("/d/x.jsonl.zst", 0).endswith("-x-00000.parquet")
+
+
+def work_rows(source_file: str, n: int, unit: int = 0, last: bool = True,
+              damage: str | None = None, first: int = 0) -> pa.Table:
+    """The generate stage's output for one whole unit of `n` rows."""
+    rows = [dict(id=f"x:{i}", source_file=source_file, row_index=i, record=json.dumps(
+                     {"lang": "en", "n": i}), prompt="t [MASK]", prompt_token_ids=[1, 2],
+                 output_text="t a", prompt_tokens=2, output_tokens=1,
+                 fills=[dict(mask="[MASK]", text="a", token_ids=[5], finish_reason="stop")],
+                 unit=unit, unit_rows=n, unit_last=last, unit_damage=damage,
+                 generated_by="node1:42")
+            for i in range(first, first + n)]
+    return pa.Table.from_pylist(rows, schema=WORK_SCHEMA)
+
+
+def job_dict(out: Path, **sections: Any) -> dict[str, Any]:
+    raw = {"source": {"paths": "x"}, "output": {"path": str(out)}, **sections}
+    return validate(raw).model_dump(mode="json")
+
+
+def test_work_schema_is_the_output_schema_in_flight() -> None:
+    """Every per-row output column, nullable, plus what the stages pass along; no `text`."""
+    job_columns = {"model", "engine", "multi_mask"}
+    assert WORK_SCHEMA.names[:len(OUTPUT_SCHEMA) - len(job_columns)] == [
+        n for n in OUTPUT_SCHEMA.names if n not in job_columns]
+    assert {"unit", "unit_rows", "record"} <= set(WORK_SCHEMA.names)
+    assert all(field.nullable for field in WORK_SCHEMA)
+    assert "text" not in WORK_SCHEMA.names
+
+
+def test_write_stage_commits_every_unit_of_a_block(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    job = job_dict(out, source={"paths": "x", "keep_columns": ["lang", "n"]})
+    block = pa.concat_tables([work_rows("/in/a.jsonl", 5, unit=1, first=5).take([3, 0, 4, 1, 2]),
+                              work_rows("/in/b.jsonl.gz", 2, unit=0, last=False)])
+    records = write_units(block, job, HASH)
+    assert records.schema == COMMIT_SCHEMA
+    by_part = {r["part"]: r for r in records.to_pylist()}
+    a, b = part_name("/in/a.jsonl", 1), part_name("/in/b.jsonl.gz", 0)
+    assert set(by_part) == {a, b}
+    assert {k: by_part[a][k] for k in ("source_file", "unit", "last", "damage", "rows", "ok",
+                                       "error", "prompt_tokens", "output_tokens")} == {
+        "source_file": "/in/a.jsonl", "unit": 1, "last": True, "damage": None, "rows": 5,
+        "ok": 5, "error": 0, "prompt_tokens": 10, "output_tokens": 5}
+    assert json.loads(by_part[a]["error_types"]) == {}
+    assert by_part[a]["generated_by"] == ["node1:42"] and by_part[a]["node"]
+    store = OutputStore(str(out), StorageConfig())
+    committed = store.committed()
+    assert set(committed) == {a, b}
+    table = store.read_part(a)
+    assert table.schema.names == OUTPUT_SCHEMA.names + ["lang", "n"]
+    assert table.column("row_index").to_pylist() == [5, 6, 7, 8, 9]  # sorted
+    assert table.column("n").type == pa.int64()
+    metadata = committed[a].metadata
+    assert (metadata[META_CONFIG_HASH], metadata[META_SOURCE_FILE]) == (
+        HASH.encode(), b"/in/a.jsonl")
+    assert (metadata[META_UNIT], metadata[META_LAST_UNIT]) == (b"1", b"true")
+    assert committed[b].metadata[META_LAST_UNIT] == b"false"
+    assert not list((out / TMP_DIR).iterdir())  # temporary names were moved
+
+
+def test_write_stage_never_commits_part_of_a_unit(tmp_path: Path) -> None:
+    job = job_dict(tmp_path / "out")
+    with pytest.raises(RuntimeError, match="3 of 4 rows arrived together"):
+        write_units(work_rows("/in/b.jsonl", 4).slice(1), job, HASH)
+    assert OutputStore(str(tmp_path / "out"), StorageConfig()).committed() == {}
+
+
+def test_damage_and_error_counts_are_recorded(tmp_path: Path) -> None:
+    job = job_dict(tmp_path / "out")
+    rows = work_rows("/in/c.jsonl.gz", 3, damage="truncated gzip stream")
+    errors = pa.array([None, "no_mask", "no_mask"], pa.string())
+    rows = rows.set_column(rows.schema.get_field_index("error_type"), "error_type", errors)
+    [record] = write_units(rows, job, HASH).to_pylist()
+    assert (record["rows"], record["ok"], record["error"]) == (3, 1, 2)
+    assert json.loads(record["error_types"]) == {"no_mask": 2}
+    assert record["damage"] == "truncated gzip stream"
+    meta = OutputStore(str(tmp_path / "out"), StorageConfig()).committed()[record["part"]]
+    assert meta.metadata[META_DAMAGE] == b"truncated gzip stream"
+
+
+def test_an_empty_unit_gets_an_empty_part(tmp_path: Path) -> None:
+    config = validate({"source": {"paths": "x"}, "output": {"path": str(tmp_path / "out")}})
+    write_empty_unit(config, HASH, "/in/empty.jsonl", 0, True, None)
+    store = OutputStore(config.output.path, StorageConfig())
+    assert list(store.committed()) == [part_name("/in/empty.jsonl", 0)]
+    table = store.read_part(part_name("/in/empty.jsonl", 0))
+    assert table.num_rows == 0 and table.schema.names == OUTPUT_SCHEMA.names
+
+
+def test_assemble_adds_the_job_columns_and_metadata() -> None:
+    config = validate({"source": {"paths": "x"}, "output": {"path": "o"},
+                       "model": {"path": "/models/glm"},
+                       "sampling": {"multi_mask": "sequential"}})
+    rows = work_rows("/in/a.jsonl", 3)
+    table = assemble(rows.take([2, 0, 1]), config, HASH, "/in/a.jsonl", 0, True, None)
+    assert table.schema.names == OUTPUT_SCHEMA.names
+    assert table.column("row_index").to_pylist() == [0, 1, 2]  # sorted
+    assert {name: table.column(name).unique().to_pylist()
+            for name in ("model", "engine", "multi_mask")} == {
+        "model": ["/models/glm"], "engine": ["torch"], "multi_mask": ["sequential"]}
+    metadata = table.schema.metadata
+    assert metadata[META_SOURCE_FILE] == b"/in/a.jsonl"
+    assert metadata[META_CONFIG_HASH] == HASH.encode() and metadata[META_SCHEMA_VERSION]
+    assert META_DAMAGE not in metadata
+
+
+def test_assemble_keeps_mixed_columns_as_json() -> None:
+    config = validate({"source": {"paths": "x", "keep_columns": ["meta"]},
+                       "output": {"path": "o"}})
+    rows = work_rows("/in/a.jsonl", 2)
+    records = [json.dumps({"meta": 1}), json.dumps({"meta": {"k": "v"}})]
+    rows = rows.set_column(rows.schema.get_field_index("record"), "record",
+                           pa.array(records, pa.string()))
+    table = assemble(rows, config, "h", "/in/a.jsonl", 0, True, None)
+    assert table.column("meta").to_pylist() == ["1", '{"k": "v"}']
+
+
+def test_unit_stats_count_errors_and_tokens() -> None:
+    table = pa.table({"error_type": ["no_mask", None, None],
+                      "prompt_tokens": pa.array([0, 4, 5], pa.int32()),
+                      "output_tokens": pa.array([None, 2, 3], pa.int32())})
+    assert unit_stats(table) == {"rows": 3, "ok": 2, "error": 1, "prompt_tokens": 9,
+                                 "output_tokens": 5, "error_types": {"no_mask": 1}}
+
+
+def test_output_store_manifest_tmp_and_clear(tmp_path: Path) -> None:
+    store = OutputStore(str(tmp_path / "out"), StorageConfig())
+    assert store.read_manifest() is None and store.committed() == {}
+    store.clear_tmp()  # nothing there: no error
+    store.write_manifest({"status": "running", "n": 1})
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text()) == {"status": "running", "n": 1}
+    assert store.read_manifest() == {"status": "running", "n": 1}
+    name = part_name("/in/a.jsonl", 0)
+    config = validate({"source": {"paths": "x"}, "output": {"path": "o"}})
+    store.write_part(name, assemble(work_rows("/in/a.jsonl", 2), config, "h", "/in/a.jsonl", 0,
+                                    True, None))
+    (tmp_path / "out" / "notes.txt").write_text("not a part")
+    (tmp_path / "out" / TMP_DIR / "part-leftover.parquet.123").write_bytes(b"half")
+    assert set(store.committed()) == {name}
+    assert store.read_part(name, ["row_index"]).column_names == ["row_index"]
+    store.clear()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+
+
+def test_data_files_formats_and_suffixes() -> None:
+    assert is_data_file("/d/a.jsonl.gz", SourceFormat.AUTO)
+    assert is_data_file("s3://b/A.PARQUET", SourceFormat.PARQUET)
+    assert not is_data_file("/d/a.jsonl", SourceFormat.PARQUET)
+    assert not is_data_file("/d/_SUCCESS.jsonl", SourceFormat.AUTO)
+    assert not is_data_file("/d/.hidden.parquet", SourceFormat.AUTO)
+    assert not is_data_file("/d/notes.txt", SourceFormat.AUTO)
+    assert file_format("/d/a.pq", SourceFormat.AUTO) is SourceFormat.PARQUET
+    assert file_format("/d/a.txt", SourceFormat.AUTO) is SourceFormat.JSONL
+    assert file_format("/d/a.txt", SourceFormat.PARQUET) is SourceFormat.PARQUET
+    assert strip_data_suffix("part-000.jsonl.gz") == "part-000"
+    assert strip_data_suffix("x.ndjson.zst") == "x" and strip_data_suffix("x.csv") == "x.csv"
+
+
+def test_resolve_schemes(monkeypatch: pytest.MonkeyPatch) -> None:
+    fs, path = resolve("file:///tmp/x.jsonl", StorageConfig())
+    assert isinstance(fs, pafs.LocalFileSystem) and path == "/tmp/x.jsonl"
+    with pytest.raises(StorageError, match="unsupported scheme 'ftp'"):
+        resolve("ftp://host/x", StorageConfig())
+    monkeypatch.delenv("AZURE_STORAGE_ACCOUNT_NAME", raising=False)
+    monkeypatch.delenv("AZURE_STORAGE_ACCOUNT", raising=False)
+    with pytest.raises(StorageError, match="AZURE_STORAGE_ACCOUNT_NAME"):
+        resolve("az://container/x", StorageConfig())
