@@ -97,14 +97,17 @@ def write_jsonl(path: Path, rows: int) -> Path:
 
 
 def run_job(source: Path, output: Path, model: Path, max_new_tokens: int,
-            concurrency: int = 1, batch_size: int = 32) -> tuple[dict, float]:
+            concurrency: int = 1, batch_size: int = 32, cpus_per_actor: float = 0.5
+            ) -> tuple[dict, float]:
+    """One job; Ray gives an actor of N CPUs N threads (OMP_NUM_THREADS), so the engine's
+    share of the machine is `cpus_per_actor`."""
     job = InfillJob.from_kwargs(
         source={"paths": str(source), "id_column": "id"}, output={"path": str(output)},
         model={"path": str(model), "engine": "torch",
                "engine_options": {"max_batch_size": batch_size}},
         sampling={"max_new_tokens": max_new_tokens},
         resources={"concurrency": concurrency, "batch_size": batch_size,
-                   "num_cpus_per_actor": 0.5})
+                   "num_cpus_per_actor": cpus_per_actor})
     start = time.perf_counter()
     manifest = job.run()
     return manifest, time.perf_counter() - start
@@ -157,8 +160,10 @@ def overhead(args: argparse.Namespace, root: Path) -> None:
             results = engine.fill(corpus, MultiMask.ITERATIVE, params)
             alone = time.perf_counter() - start
         tokens = sum(len(f.token_ids) for r in results for f in r.fills)
+        # the engine alone runs on every core: so does the job's one engine (2 CPUs of 4)
         manifest, piped = run_job(source, root / f"out-{name[:4]}", model,
-                                  args.max_new_tokens, batch_size=args.batch_size)
+                                  args.max_new_tokens, batch_size=args.batch_size,
+                                  cpus_per_actor=2.0)
         assert manifest["output_tokens"] == tokens, (manifest["output_tokens"], tokens)
         print(f"{name:<20} engine alone {tokens / alone:7.1f} out tok/s ({alone:6.1f} s); "
               f"job {tokens / piped:7.1f} out tok/s ({piped:6.1f} s) = "

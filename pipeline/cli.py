@@ -15,6 +15,7 @@ config error; 3 infrastructure failure (storage, network, an engine that died), 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 from collections.abc import Sequence
@@ -52,7 +53,9 @@ def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
 
 
 def _add_fill_parser(commands: argparse._SubParsersAction) -> None:
-    fill = commands.add_parser("fill", help="fill the blanks of TEXT(s) and print JSON lines")
+    fill = commands.add_parser("fill", help="fill the blanks of TEXT(s) and print JSON lines",
+                               description="Fill the blanks of TEXT(s); one JSON line each.",
+                               allow_abbrev=False)
     fill.add_argument("texts", nargs="+", metavar="TEXT",
                       help="text with [MASK], [sMASK] or [gMASK] blanks")
     fill.add_argument("--model", help="GLM checkpoint directory (default: the demo checkpoint, "
@@ -114,9 +117,7 @@ def fill_main(args: argparse.Namespace) -> int:
     return status
 
 
-def run_main(argv: list[str]) -> int:
-    """`glm-infill run [CONFIG] [--set k=v ...] [--overwrite]` (exit codes: module doc)."""
-    parser = argparse.ArgumentParser(prog="glm-infill run", description="Run an infill job.")
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="job YAML, local or s3://, gs://, az:// "
                         "(default: the embedded demo job, jobs/default.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -124,8 +125,18 @@ def run_main(argv: list[str]) -> int:
                         "--set sampling.max_new_tokens=8 (value parsed as YAML)")
     parser.add_argument("--overwrite", action="store_true",
                         help="redo every unit (same as --set output.overwrite=true)")
-    args = parser.parse_args(argv)
 
+
+def run_main(argv: list[str]) -> int:
+    """`glm-infill run [CONFIG] [--set k=v ...] [--overwrite]` (exit codes: module doc); also
+    the entry point of `python -m jobs.run_infill` under `ray job submit`."""
+    parser = argparse.ArgumentParser(prog="glm-infill run", description="Run an infill job.",
+                                     allow_abbrev=False)
+    _add_run_arguments(parser)
+    return run_job(parser.parse_args(argv))
+
+
+def run_job(args: argparse.Namespace) -> int:
     from pipeline.job.config import ConfigError
     from pipeline.job.manifest import summary
     from pipeline.job.plan import SourceError
@@ -161,15 +172,18 @@ def run_main(argv: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="glm-infill", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="glm-infill", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {importlib.metadata.version('glm-infill')}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_fill_parser(commands)
     run = commands.add_parser("run", help="run an infill job (default: the embedded demo job)",
-                              add_help=False)
-    run.add_argument("job_args", nargs=argparse.REMAINDER)
+                              description="Run an infill job.", allow_abbrev=False)
+    _add_run_arguments(run)
     args = parser.parse_args(argv)
     if args.command == "run":
-        return run_main(args.job_args)
+        return run_job(args)
     return fill_main(args)
 
 

@@ -157,11 +157,16 @@ class Progress:
                 f"{rate:.1f} rows/s, {run.tokens_this_run / elapsed:.1f} output tokens/s, "
                 f"ETA {eta}")
 
+    def bar(self, width: int = 24) -> str:
+        filled = min(width, round(width * self.run.rows_this_run / self.expected))
+        return "[" + "#" * filled + "." * (width - filled) + "]"
+
     def _beat(self) -> None:
         interval = 1.0 if self.tty else self.interval_s
         while not self._stop.wait(interval):
             if self.tty:
-                print(f"\r[glm-infill] {self.line()}", end="", file=sys.stderr, flush=True)
+                print(f"\r[glm-infill] {self.bar()} {self.line()}", end="", file=sys.stderr,
+                      flush=True)
             else:
                 self.log(self.line())
 

@@ -1,0 +1,41 @@
+"""The manifest's totals and the progress report, from commit records (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.job.config import JobConfig
+from pipeline.job.manifest import Progress, RunManifest, summary
+from pipeline.job.storage import MANIFEST, OutputStore
+
+
+def record(part: str, rows: int, errors: dict[str, int], tokens: int = 5) -> dict:
+    bad = sum(errors.values())
+    return {"part": part, "source_file": "/in/a.jsonl", "unit": int(part[-1]), "rows": rows,
+            "ok": rows - bad, "error": bad, "prompt_tokens": 10 * rows, "output_tokens": tokens,
+            "error_types": errors, "damage": None, "node": "n1", "generated_by": ["n1:7"]}
+
+
+def test_totals_error_types_and_the_saved_manifest(tmp_path: Path) -> None:
+    config = JobConfig.model_validate({"source": {"paths": "x"},
+                                       "output": {"path": str(tmp_path)}})
+    store = OutputStore(str(tmp_path), config.source.storage)
+    run = RunManifest(config, store, ["/in/a.jsonl"], print)
+    run.add_part(record("p0", 4, {"no_mask": 1}), "skipped")
+    run.add_part(record("p1", 6, {"no_mask": 1, "too_long": 2}, tokens=7), "committed")
+    saved = run.save("failed", "1 input file(s) could not be read whole")
+    assert json.loads((tmp_path / MANIFEST).read_text()) == saved
+    assert (saved["rows_in"], saved["rows_ok"], saved["rows_error"]) == (10, 6, 4)
+    assert saved["error_types"] == {"no_mask": 2, "too_long": 2}
+    assert saved["this_run"]["rows"] == 6 and saved["output_tokens"] == 12
+    assert saved["parts"]["p1"]["status"] == "committed"
+    assert saved["parts"]["p0"]["status"] == "skipped"
+    assert saved["parts"]["p1"]["generated_by"] == ["n1:7"]
+    line = summary(saved)
+    assert line.startswith("failed: 10 rows (6 ok, 4 errors") and "could not be read" in line
+
+    progress = Progress(run, expected_rows=24, interval_s=30, log=print)
+    assert progress.bar(width=8) == "[##......]"
+    assert progress.line().startswith("progress: 6/~24 rows (25%)")
+    assert "ETA" in progress.line()
