@@ -42,24 +42,28 @@ WORDS = ["the", "river", "city", "table", "file", "data", "mode", "value", "year
 
 
 class PeakMemory:
-    """Samples the summed RSS of this process and all Ray processes every 0.2 s."""
+    """Samples the memory of this process and every Ray process every 0.5 s. `peak` sums PSS
+    (each shared page split among the processes mapping it: torch's libraries and the object
+    store are not counted once per process); `peak_rss` sums RSS, which counts them again in
+    every process."""
 
     def __enter__(self) -> PeakMemory:
-        self.peak, self._stop = 0, threading.Event()
+        self.peak, self.peak_rss, self._stop = 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self) -> None:
         me = psutil.Process()
-        while not self._stop.wait(0.2):
-            total = me.memory_info().rss
-            for process in psutil.process_iter(["name", "cmdline"]):
+        while not self._stop.wait(0.5):
+            pss = rss = 0
+            for process in psutil.process_iter(["cmdline"]):
                 line = " ".join(process.info["cmdline"] or [])
-                if process.pid != me.pid and ("ray" in line or "raylet" in line):
+                if process.pid == me.pid or "ray" in line or "raylet" in line:
                     with contextlib.suppress(psutil.Error):
-                        total += process.memory_info().rss
-            self.peak = max(self.peak, total)
+                        info = process.memory_full_info()
+                        pss, rss = pss + info.pss, rss + info.rss
+            self.peak, self.peak_rss = max(self.peak, pss), max(self.peak_rss, rss)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -117,15 +121,18 @@ def memory(args: argparse.Namespace, root: Path) -> None:
     model = write_demo_checkpoint(root / "tiny", num_layers=1, hidden_size=128,
                                   num_attention_heads=2, max_sequence_length=128)
     print("peak RSS of the driver and every Ray process, 1 new token per row, 1-layer model")
-    baseline = None
+    baseline: dict[str, int] = {}
     for rows in args.rows:
         for kind, write in (("parquet", write_parquet), ("jsonl", write_jsonl)):
+            if kind not in args.kinds:
+                continue
             source = write(root / f"{kind}-{rows}.{kind}", rows)
             with PeakMemory() as peak:
                 manifest, seconds = run_job(source, root / f"out-{kind}-{rows}", model, 1)
-            baseline = baseline or peak.peak
-            print(f"{kind:<8} {rows:>9} rows: peak {peak.peak / 2**30:5.2f} GiB "
-                  f"({peak.peak / baseline:.2f}x the first run), {seconds:6.0f} s, "
+            first = baseline.setdefault(kind, peak.peak)
+            print(f"{kind:<8} {rows:>9} rows: peak PSS {peak.peak / 2**30:5.2f} GiB "
+                  f"({peak.peak / first:.2f}x its smallest run; RSS sum "
+                  f"{peak.peak_rss / 2**30:.2f} GiB), {seconds:6.0f} s, "
                   f"{rows / seconds:7.0f} rows/s, {manifest['rows_ok']} ok, "
                   f"{manifest['parts_total']} parts")
 
@@ -176,6 +183,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=None)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--kinds", nargs="+", default=["parquet", "jsonl"],
+                        help="memory: the file formats to measure")
     args = parser.parse_args()
     args.rows = args.rows or {"memory": [100_000, 1_000_000], "spread": [200_000],
                               "overhead": [200]}[args.what]

@@ -55,7 +55,7 @@ class SourceConfig(_Section):
     # work units (pipeline/job/plan.py): part of the hash, as they decide the part files
     unit_rows: int = Field(10_000, ge=1, description="Parquet: rows per unit (whole row "
                            "groups); compressed JSONL: lines per unit")
-    unit_bytes: int = Field(16 * 2**20, ge=1, description="uncompressed JSONL: bytes per unit")
+    unit_bytes: int = Field(4 * 2**20, ge=1, description="uncompressed JSONL: bytes per unit")
     max_line_bytes: int = Field(8 * 2**20, ge=1, description="longer JSONL lines are error rows")
     skip_unreadable_files: bool = False  # else an unparsable or damaged file fails the job
     storage: StorageConfig = Field(default_factory=StorageConfig)

@@ -76,3 +76,15 @@ def retry_stream(make: Callable[[], Iterator[T]], what: str,
             if not is_fault(err) or attempt + 1 == policy.attempts:
                 raise
             _wait(policy, attempt, what, err)
+
+
+def root_cause(err: BaseException) -> str:
+    """One line naming the innermost cause: Ray wraps a worker's exception (and its traceback)
+    in its own, sometimes twice."""
+    seen = {id(err)}
+    while (inner := getattr(err, "cause", None) or err.__cause__) is not None \
+            and id(inner) not in seen:
+        seen.add(id(inner))
+        err = inner
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:500]

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.job.config import ConfigError, JobConfig, load_config, validate
 from pipeline.job.manifest import BYTES_PER_ROW, Progress, RunManifest
 from pipeline.job.plan import Plan, Unit, is_inside, list_files, plan_units
+from pipeline.job.retry import root_cause
 from pipeline.job.storage import OutputError, OutputStore
 from pipeline.job.write import unit_stats
 from schemas.output import (
@@ -189,7 +190,7 @@ class InfillJob:
             run.save("failed", "interrupted: Ctrl-C")
             raise JobInterrupted("interrupted by Ctrl-C") from None
         except Exception as err:
-            reason = f"{type(err).__name__}: {err}"
+            reason = root_cause(err)
             try:
                 run.save("failed", reason)
             except Exception as save_err:  # the output store itself may be what failed
