@@ -100,6 +100,7 @@ class Unit:
     first_row: int = 0  # row_index of the unit's first row (JSONL: its first line's number)
     rows: int | None = None  # known from the Parquet footer
     committed: frozenset[int] = frozenset()
+    size: int | None = None  # the file's size when planned: a changed file is a fault
 
     @property
     def part(self) -> str:
@@ -197,6 +198,8 @@ def plan_units(uris: list[str], source: SourceConfig, committed: set[str],
     rows_known = bytes_unknown = 0
     for uri in uris:
         fs, path = resolve(uri, source.storage)
+        size = with_retries(lambda fs=fs, path=path: fs.get_file_info(path).size,
+                            f"sizing {uri}")
         if file_format(uri, source.format) is SourceFormat.PARQUET:
             try:
                 file_units = with_retries(
@@ -209,19 +212,16 @@ def plan_units(uris: list[str], source: SourceConfig, committed: set[str],
         elif uri.lower().endswith(COMPRESSED_SUFFIXES):
             if uri in finished_streams:
                 continue
-            size = with_retries(lambda fs=fs, path=path: fs.get_file_info(path).size,
-                                f"sizing {uri}")
             bytes_unknown += 4 * size  # JSONL usually compresses about 4:1
             done = {i for i in range(len(committed)) if part_name(uri, i) in committed}
             file_units = [Unit(uri, keys[uri], SourceFormat.JSONL, None, committed=frozenset(done))]
         else:
-            size = with_retries(lambda fs=fs, path=path: fs.get_file_info(path).size,
-                                f"sizing {uri}")
             bytes_unknown += size
             file_units = _jsonl_ranges(uri, keys[uri], size, source.unit_bytes)
             if any(u.part not in committed for u in file_units):
                 file_units = _number_lines(file_units, source.storage)
-        units += [u for u in file_units if u.index is None or u.part not in committed]
+        units += [dataclasses.replace(u, size=size) for u in file_units
+                  if u.index is None or u.part not in committed]
     return Plan(units, unreadable, rows_known, bytes_unknown)
 
 

@@ -134,6 +134,11 @@ def _range_lines(fs: pafs.FileSystem, path: str, unit: Unit, max_line: int
             position += length + 1
 
 
+class FileChangedError(OSError):
+    """An input file is not what the plan saw (a fault: retried, then the job fails and the
+    next run plans again)."""
+
+
 class Damaged(Exception):
     """The compressed bytes of a file are bad from here on (not a storage fault)."""
 
@@ -235,8 +240,16 @@ class UnitReader:
                 found.append(self.rows.finish(row))
         return found
 
+    def _check_unchanged(self, fs: pafs.FileSystem, path: str) -> None:
+        """A file that changed since planning would shift rows between units: a fault."""
+        size = fs.get_file_info(path).size
+        if self.unit.size is not None and size != self.unit.size:
+            raise FileChangedError(f"{self.unit.uri} changed since the job was planned "
+                                   f"({self.unit.size} -> {size} bytes)")
+
     def _read_unit(self) -> list[dict[str, Any]]:
         fs, path = resolve(self.unit.uri, self.source.storage)
+        self._check_unchanged(fs, path)
         if self.unit.fmt is SourceFormat.PARQUET:
             return [self.rows.finish(r) for r in _parquet_rows(self.rows, fs, path)]
         lines = _range_lines(fs, path, self.unit, self.source.max_line_bytes)
@@ -256,6 +269,7 @@ class UnitReader:
         """Units of `unit_rows` lines of a compressed file; the last one says it is last.
         Units in `emitted` (by an earlier attempt) or committed by an earlier run are skipped."""
         fs, path = resolve(self.unit.uri, self.source.storage)
+        self._check_unchanged(fs, path)
         size = self.source.unit_rows
         lines = _stream_lines(fs, path, self.source.max_line_bytes)
         chunk: list[bytes | None] = []

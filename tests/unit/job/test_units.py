@@ -24,10 +24,12 @@ from pipeline.job.storage import OutputStore
 pytestmark = pytest.mark.timeout(120)
 
 
-def job(tmp_path: Path, paths: list[str], **source: object) -> JobConfig:
+def job(tmp_path: Path, paths: list[str], retry: dict | None = None,
+        **source: object) -> JobConfig:
     return JobConfig.model_validate({
         "source": {"paths": paths, **source},
         "output": {"path": str(tmp_path / "out")},
+        "retry": retry or {},
     })
 
 
@@ -179,3 +181,13 @@ def test_output_inside_input_is_detected() -> None:
     assert is_inside("s3://b/in/out", "s3://b/in/")
     assert not is_inside("/data/input2", "/data/in")
     assert not is_inside("s3://b/out", "s3://b/in")
+
+
+def test_a_file_changed_after_planning_is_a_fault(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(LINES) + "\n")
+    config = job(tmp_path, [str(path)], retry={"attempts": 1})
+    [unit] = plan_units([str(path)], config.source, set(), set()).units
+    path.write_text("\n".join(LINES[:3]) + "\n")
+    with pytest.raises(OSError, match="changed since the job was planned"):
+        list(UnitReader(unit, config.model_dump(mode="json"), "hash")())
