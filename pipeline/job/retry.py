@@ -9,6 +9,7 @@ becomes, so it is not part of the config hash.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*: ")
 DAMAGE_MARKERS = ("compressed stream", "inflate", "decompress", "zstd", "gzip")
 
 
@@ -79,12 +82,18 @@ def retry_stream(make: Callable[[], Iterator[T]], what: str,
 
 
 def root_cause(err: BaseException) -> str:
-    """One line naming the innermost cause: Ray wraps a worker's exception (and its traceback)
-    in its own, sometimes twice."""
-    seen = {id(err)}
+    """One line naming the original error. Ray wraps a worker's exception in its own (Ray Data
+    once more in UserCodeException) and carries the original only as traceback text: the first
+    exception line there that is not Ray's own is the cause."""
+    chain, seen = [err], {id(err)}
     while (inner := getattr(err, "cause", None) or err.__cause__) is not None \
             and id(inner) not in seen:
         seen.add(id(inner))
-        err = inner
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:500]
+        chain.append(err := inner)
+    for error in chain:
+        for line in ANSI.sub("", str(error)).splitlines():
+            line = line.strip()
+            if EXCEPTION_LINE.match(line) and not line.startswith("ray."):
+                return line[:500]
+    lines = [line for line in str(chain[-1]).splitlines() if line.strip()]
+    return f"{type(chain[-1]).__name__}: {lines[0].strip() if lines else ''}"[:500]

@@ -75,3 +75,11 @@ def test_root_cause_is_one_line_of_the_innermost_error() -> None:
             raise RuntimeError("ray::ReadUnit() failed\nTraceback ...") from inner
     except RuntimeError as outer:
         assert root_cause(outer) == "FileNotFoundError: [Errno 2] /in/f1.jsonl"
+
+
+def test_root_cause_finds_the_original_in_a_remote_traceback() -> None:
+    remote = RuntimeError("ray::MapBatches(write_units)() (pid=1, ip=1.2.3.4)\n"
+                          "Traceback (most recent call last):\n"
+                          '  File "write.py", line 9, in _commit\n'
+                          "OSError: [Errno 28] No space left on device")
+    assert root_cause(remote) == "OSError: [Errno 28] No space left on device"
