@@ -118,8 +118,7 @@ def run_job(source: Path, output: Path, model: Path, max_new_tokens: int,
 
 
 def memory(args: argparse.Namespace, root: Path) -> None:
-    model = write_demo_checkpoint(root / "tiny", num_layers=1, hidden_size=128,
-                                  num_attention_heads=2, max_sequence_length=128)
+    model = tiny_model(root)
     print("peak RSS of the driver and every Ray process, 1 new token per row, 1-layer model")
     baseline: dict[str, int] = {}
     for rows in args.rows:
@@ -137,10 +136,16 @@ def memory(args: argparse.Namespace, root: Path) -> None:
                   f"{manifest['parts_total']} parts")
 
 
+def tiny_model(root: Path) -> Path:
+    """1 layer, hidden 128: the data plane's own costs show, not the model's."""
+    return write_demo_checkpoint(root / "tiny", num_layers=1, hidden_size=128,
+                                 num_attention_heads=2, max_sequence_length=128)
+
+
 def spread(args: argparse.Namespace, root: Path) -> None:
-    model = ensure_demo_checkpoint()
+    model = tiny_model(root)
     source = write_parquet(root / "one.parquet", args.rows[0])
-    print(f"one Parquet file of {args.rows[0]} rows, demo model, 1 new token")
+    print(f"one Parquet file of {args.rows[0]} rows, 1-layer model, 1 new token")
     first = None
     for concurrency in (1, 2):
         manifest, seconds = run_job(source, root / f"out-{concurrency}", model, 1, concurrency)

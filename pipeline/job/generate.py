@@ -65,11 +65,16 @@ class GenerateStage:
             return await self.engine.afill(text, self.multi_mask, params)
 
     def _fill_batches(self, texts: list[str], params: list[SamplingParams]) -> list[FillResult]:
-        results: list[FillResult] = []
-        for start in range(0, len(texts), self.batch_size):
-            end = start + self.batch_size
-            results += self.engine.fill(texts[start:end], self.multi_mask, params[start:end])
-        return results
+        """`batch_size` rows per call, rows of similar length together (less padding)."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        results: list[FillResult | None] = [None] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            filled = self.engine.fill([texts[i] for i in chunk], self.multi_mask,
+                                      [params[i] for i in chunk])
+            for i, result in zip(chunk, filled, strict=True):
+                results[i] = result
+        return results  # type: ignore[return-value]
 
 
 def _record_fill(row: dict[str, Any], result: FillResult) -> None:
