@@ -60,8 +60,8 @@ class RunManifest:
     def add_part(self, record: dict[str, Any], status: str) -> None:
         """A part committed in this run (`committed`) or by an earlier one (`skipped`)."""
         with self._lock:
-            entry = {k: record.get(k) for k in ("source_file", "unit", *TOTALS, "node",
-                                                "generated_by")}
+            entry = {k: record.get(k) for k in ("source_file", "unit", "last", *TOTALS,
+                                                "node", "generated_by")}
             self.parts[record["part"]] = {**entry, "status": status,
                                           "error_types": dict(record["error_types"])}
             if record.get("damage"):

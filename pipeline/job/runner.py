@@ -243,11 +243,12 @@ class InfillJob:
             unit = int(info.get(META_UNIT, b"0"))
             stats = unit_stats(store.read_part(name, ["error_type", "prompt_tokens",
                                                       "output_tokens"]))
-            run.add_part({"part": name, "source_file": source, "unit": unit,
+            last = info.get(META_LAST_UNIT) == b"true"
+            run.add_part({"part": name, "source_file": source, "unit": unit, "last": last,
                           "damage": info.get(META_DAMAGE, b"").decode() or None, **stats},
                          "skipped")
             units_by_file.setdefault(source, set()).add(unit)
-            if info.get(META_LAST_UNIT) == b"true":
+            if last:
                 last_unit[source] = unit
         return {source for source, last in last_unit.items()
                 if units_by_file[source] >= set(range(last + 1))}
@@ -261,25 +262,26 @@ class InfillJob:
                 run.add_part(record, "committed")
 
     def _check_complete(self, run: RunManifest, store: OutputStore, plan: Plan) -> None:
-        """Every planned unit must now have its part (empty units are written by the read
-        task and send no record); otherwise the run failed, whatever Ray said."""
-        present = store.committed()
-        for name in set(present) - set(run.parts):  # empty units committed by readers
-            info = present[name].metadata or {}
+        """Every planned unit must now have its part; otherwise the run failed, whatever Ray
+        said. One listing: the commit records already describe every part but those of empty
+        units, which their read task commits without a record (only their footers are read)."""
+        present = store.part_names()
+        for name in sorted(present - set(run.parts)):
+            info = store.part_metadata(name).metadata or {}
             run.add_part({"part": name, "source_file": info[META_SOURCE_FILE].decode(),
-                          "unit": int(info[META_UNIT]), "rows": 0, "ok": 0, "error": 0,
-                          "prompt_tokens": 0, "output_tokens": 0, "error_types": {},
+                          "unit": int(info[META_UNIT]),
+                          "last": info.get(META_LAST_UNIT) == b"true", "rows": 0, "ok": 0,
+                          "error": 0, "prompt_tokens": 0, "output_tokens": 0,
+                          "error_types": {},
                           "damage": info.get(META_DAMAGE, b"").decode() or None}, "committed")
         missing = [u.part for u in plan.units if u.index is not None and u.part not in present]
-        last = {u.uri: u for u in plan.units if u.index is None}
-        for name in present:
-            info = present[name].metadata or {}
-            if info.get(META_LAST_UNIT) == b"true":
-                last.pop(info[META_SOURCE_FILE].decode(), None)
-        if missing or last:
-            what = missing[:1] or [f"the end of {next(iter(last))}"]
-            raise InfrastructureError(f"{len(missing) + len(last)} unit(s) were not committed "
-                                      f"(e.g. {what[0]}); run the job again to finish them")
+        ended = {p["source_file"] for p in run.parts.values() if p["last"]}
+        unended = [u.uri for u in plan.units if u.index is None and u.uri not in ended]
+        if missing or unended:
+            what = missing[:1] or [f"the end of {unended[0]}"]
+            raise InfrastructureError(f"{len(missing) + len(unended)} unit(s) were not "
+                                      f"committed (e.g. {what[0]}); run the job again to "
+                                      "finish them")
 
 
 def build_dataset(config: JobConfig, units: list[Unit], config_hash: str) -> ray.data.Dataset:

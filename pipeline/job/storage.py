@@ -136,15 +136,20 @@ class OutputStore:
     def _path(self, *names: str) -> str:
         return posixpath.join(self.root, *names)
 
+    def part_names(self) -> set[str]:
+        """Names of the final part files: one listing, no file opened."""
+        selector = pafs.FileSelector(self.root, recursive=False, allow_not_found=True)
+        return {info.base_name for info in self.fs.get_file_info(selector)
+                if info.type == pafs.FileType.File and PART_RE.match(info.base_name)}
+
+    def part_metadata(self, name: str) -> pq.FileMetaData:
+        """A part's Parquet footer (its config hash, source file, unit)."""
+        with self.fs.open_input_file(self._path(name)) as handle:
+            return pq.read_metadata(handle)
+
     def committed(self) -> dict[str, pq.FileMetaData]:
         """Final part files by name, with their Parquet metadata."""
-        selector = pafs.FileSelector(self.root, recursive=False, allow_not_found=True)
-        parts = {}
-        for info in self.fs.get_file_info(selector):
-            if info.type == pafs.FileType.File and PART_RE.match(info.base_name):
-                with self.fs.open_input_file(info.path) as handle:
-                    parts[info.base_name] = pq.read_metadata(handle)
-        return parts
+        return {name: self.part_metadata(name) for name in sorted(self.part_names())}
 
     def read_part(self, name: str, columns: list[str] | None = None) -> pa.Table:
         """A committed part (some columns of it: resume reads only the counts)."""
@@ -153,7 +158,7 @@ class OutputStore:
 
     def clear(self) -> None:
         """Remove everything a previous run wrote (output.overwrite)."""
-        for name in self.committed():
+        for name in self.part_names():
             self.fs.delete_file(self._path(name))
         self.clear_tmp()
         if self.fs.get_file_info(self._path(MANIFEST)).type == pafs.FileType.File:

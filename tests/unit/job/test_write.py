@@ -217,3 +217,41 @@ def test_resolve_schemes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AZURE_STORAGE_ACCOUNT", raising=False)
     with pytest.raises(StorageError, match="AZURE_STORAGE_ACCOUNT_NAME"):
         resolve("az://container/x", StorageConfig())
+
+
+def test_a_run_is_complete_only_when_every_planned_unit_has_its_part(tmp_path: Path) -> None:
+    """The end-of-run check lists the output once: commit records describe the parts of this
+    run, only the empty units (committed by their readers, without a record) have their
+    footers read; a compressed file counts as done once its last unit is there."""
+    from pipeline.job.manifest import RunManifest
+    from pipeline.job.plan import Plan, Unit
+    from pipeline.job.runner import InfillJob, InfrastructureError
+    from pipeline.job.storage import SourceFormat
+
+    config = validate({"source": {"paths": "x"}, "output": {"path": str(tmp_path / "out")}})
+    job_config = config.model_dump(mode="json")
+    store = OutputStore(config.output.path, StorageConfig())
+    run = RunManifest(config, store, ["/in/a.jsonl", "/in/b.jsonl.gz"], lambda line: None)
+    units = [Unit("/in/a.jsonl", "a.jsonl", SourceFormat.JSONL, index=0),
+             Unit("/in/a.jsonl", "a.jsonl", SourceFormat.JSONL, index=1),
+             Unit("/in/b.jsonl.gz", "b.jsonl.gz", SourceFormat.JSONL, index=None)]
+    plan = Plan(units, {}, 0, 0)
+    job = InfillJob(config)
+
+    def commit(rows: pa.Table) -> None:
+        for record in write_units(rows, job_config, HASH).to_pylist():
+            run.add_part({**record, "error_types": json.loads(record["error_types"])},
+                         "committed")
+
+    commit(work_rows("/in/a.jsonl", 3, unit=0, last=False))
+    commit(work_rows("/in/b.jsonl.gz", 2, unit=0, last=False))
+    with pytest.raises(InfrastructureError, match=r"2 unit\(s\) were not committed.*-a-00001"):
+        job._check_complete(run, store, plan)
+    write_empty_unit(config, HASH, "/in/a.jsonl", 1, True, None)
+    with pytest.raises(InfrastructureError, match=r"1 unit\(s\).*the end of /in/b.jsonl.gz"):
+        job._check_complete(run, store, plan)
+    commit(work_rows("/in/b.jsonl.gz", 1, unit=1, last=True, first=2))
+    job._check_complete(run, store, plan)
+    empty = run.parts[part_name("/in/a.jsonl", 1)]
+    assert (empty["rows"], empty["last"], empty["status"]) == (0, True, "committed")
+    assert sorted(p["rows"] for p in run.parts.values()) == [0, 1, 2, 3]

@@ -1,0 +1,34 @@
+"""glm-infill: blank infilling with GLM models, from one text to a corpus on Ray.
+
+Every command is a module of this package with `add_parser(commands)`:
+* `fill` (fill.py) answers the blanks of texts, JSON lines on stdout (a stable contract);
+* `run` (run.py) runs a pipeline job from a YAML config (default: the embedded demo job).
+
+Exit codes (every command): 0 success; 1 the data did not pass (a `fill` text that cannot be
+filled; a job above `output.max_error_rate`, or with an unreadable input file); 2 usage or
+config error; 3 infrastructure failure (storage, network, an engine that died), after retries;
+130 interrupted (Ctrl-C, SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+from collections.abc import Sequence
+
+from pipeline.cli import fill, run
+from pipeline.cli.run import run_main
+
+__all__ = ["main", "run_main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="glm-infill", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {importlib.metadata.version('glm-infill')}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in (fill, run):
+        command.add_parser(commands)
+    args = parser.parse_args(argv)
+    return args.handler(args)

@@ -1,0 +1,7 @@
+"""`python -m pipeline.cli`: the same as `glm-infill`."""
+
+import sys
+
+from pipeline.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""`glm-infill run`: run (or resume) a pipeline job from a YAML config; also the entry point
+of `python -m jobs.run_infill` under `ray job submit`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="job YAML, local or s3://, gs://, az:// "
+                        "(default: the embedded demo job, jobs/default.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key, e.g. "
+                        "--set sampling.max_new_tokens=8 (value parsed as YAML)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo every unit (same as --set output.overwrite=true)")
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser("run", help="run an infill job (default: the embedded demo job)",
+                              description="Run an infill job.", allow_abbrev=False)
+    run.set_defaults(handler=run_job)
+    add_arguments(run)
+
+
+def run_main(argv: list[str]) -> int:
+    """`glm-infill run [CONFIG] [--set k=v ...] [--overwrite]` (exit codes: module doc); also
+    the entry point of `python -m jobs.run_infill` under `ray job submit`."""
+    parser = argparse.ArgumentParser(prog="glm-infill run", description="Run an infill job.",
+                                     allow_abbrev=False)
+    add_arguments(parser)
+    return run_job(parser.parse_args(argv))
+
+
+def run_job(args: argparse.Namespace) -> int:
+    from pipeline.job.config import ConfigError
+    from pipeline.job.manifest import summary
+    from pipeline.job.plan import SourceError
+    from pipeline.job.runner import (
+        PREFIX,
+        InfillJob,
+        InfrastructureError,
+        JobFailed,
+        JobInterrupted,
+        default_config_path,
+    )
+    from pipeline.job.storage import OutputError, StorageError
+
+    overrides = args.overrides + (["output.overwrite=true"] if args.overwrite else [])
+    try:
+        job = InfillJob.from_yaml(args.config or default_config_path(), overrides)
+        manifest = job.run()
+    except (ConfigError, SourceError, OutputError, StorageError) as err:
+        print(f"{PREFIX} error: {err}", file=sys.stderr)
+        return 2
+    except JobFailed as err:
+        print(f"{PREFIX} failed: {err}", file=sys.stderr)
+        return 1
+    except InfrastructureError as err:
+        print(f"{PREFIX} failed (infrastructure, nothing in flight was committed; run again to "
+              f"resume): {err}", file=sys.stderr)
+        return 3
+    except JobInterrupted as err:
+        print(f"{PREFIX} interrupted: {err}", file=sys.stderr)
+        return 130
+    print(f"{PREFIX} {summary(manifest)}", flush=True)
+    return 0
