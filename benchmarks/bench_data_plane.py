@@ -113,7 +113,7 @@ def run_job(source: Path, output: Path, model: Path, max_new_tokens: int,
         resources={"concurrency": concurrency, "batch_size": batch_size,
                    "num_cpus_per_actor": cpus_per_actor})
     start = time.perf_counter()
-    manifest = job.run()
+    manifest = job.run().manifest
     return manifest, time.perf_counter() - start
 
 

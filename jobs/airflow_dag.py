@@ -1,27 +1,31 @@
 """Airflow 3 DAG `glm_infill`: one infill job per data interval, run on a Ray cluster.
 
 Each run submits `python -m jobs.run_infill CONFIG --set output.path=<prefix>/dt=<YYYY-MM-DD>`
-(the data interval's start) through the Ray Jobs API and waits for it; the task fails with the
-tail of the job's log when the job fails. Retries are safe: the submission id comes from the
-dag id and the logical date (see `jobs/ray_submit.py`), so a retry waits for a job that still
-runs, does nothing after one that succeeded, and resubmits after one that failed; the
-pipeline resumes from the work units it already committed.
+(the data interval's start) through the Ray Jobs API and waits for it in the triggerer
+(`jobs/airflow_ray.py`): no worker slot is held while the job runs. The task log and XCom
+(`summary`, `log_tail`) get the job's result and the tail of its log.
 
-Where the cluster is: the `ray_address` param (trigger form), else the Airflow Variable
-`glm_infill_ray_address`, else `http://127.0.0.1:8265`. A token-authenticated cluster
-(Ray 2.60's default) needs its token in the Variable `glm_infill_ray_token` (keep it in a
-secrets backend). The Airflow workers need `glm-infill[airflow]` installed; the Ray cluster
-needs the project (see `cluster.yaml`), or a `working_dir` to upload.
+Retries are for failures that may pass (the cluster down, an infrastructure failure of the
+job: exit code 3); they resume the job from the work units it committed. A missing connection,
+a token the cluster refuses, a config error (exit 2) or data that did not pass (exit 1) fail
+the task at once. Retries are idempotent: the submission id comes from the dag id and the
+logical date (`jobs/ray_submit.py`), so a retry waits for a job that still runs and does
+nothing after one that succeeded; the param `force` redoes the partition (`--overwrite`).
+
+Set-up (docs/airflow.md): the Connection `glm_infill_ray` (the Ray dashboard's host and port,
+the cluster's token as password), a running triggerer, `glm-infill[airflow]` installed where
+Airflow runs, and the project on the Ray cluster (see `cluster.yaml`) or a `working_dir`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
-from airflow.sdk import Param, Variable, dag, task
+from airflow.sdk import Param, dag
 
-DEFAULT_RAY_ADDRESS = "http://127.0.0.1:8265"
+from jobs.airflow_ray import RayInfillOperator
+
+DEFAULT_CONN_ID = "glm_infill_ray"
 
 
 @dag(
@@ -37,38 +41,23 @@ DEFAULT_RAY_ADDRESS = "http://127.0.0.1:8265"
         "output_prefix": Param("output/glm-infill", type="string",
                                description="each interval writes <prefix>/dt=YYYY-MM-DD"),
         "overrides": Param([], type="array", description="extra --set key.sub=value"),
-        "ray_address": Param(None, type=["null", "string"],
-                             description="Ray dashboard address (Jobs API)"),
+        "ray_conn_id": Param(DEFAULT_CONN_ID, type="string",
+                             description="Airflow connection of the Ray cluster (Jobs API "
+                                         "address, token as password)"),
         "working_dir": Param(None, type=["null", "string"],
                              description="runtime_env working_dir to upload with the job"),
-        "poll_seconds": Param(30, type="number", minimum=0.1),
+        "force": Param(False, type="boolean",
+                       description="redo the partition (--overwrite) even if a job already "
+                                   "succeeded for this run"),
+        "poll_seconds": Param(30, type="number", minimum=0.1,
+                              description="how often the triggerer asks Ray for the status"),
     },
     tags=["glm-infill", "ray"],
 )
 def glm_infill() -> None:
-    @task(execution_timeout=dt.timedelta(hours=24))
-    def run_infill(**context: Any) -> str:
-        """Submit or find this interval's Ray job and wait until it is done."""
-        # imported here so that parsing the DAG file does not import Ray
-        from jobs.ray_submit import base_submission_id, infill_entrypoint, make_client, run_job
-
-        params = context["params"]
-        address = params["ray_address"] or Variable.get("glm_infill_ray_address",
-                                                        default=DEFAULT_RAY_ADDRESS)
-        token = Variable.get("glm_infill_ray_token", default=None)
-        logical_date = context.get("logical_date")  # None for some manual runs in Airflow 3
-        start = (context.get("data_interval_start") or logical_date
-                 or context["dag_run"].run_after)
-        dag_id = context["dag"].dag_id
-        base = base_submission_id(dag_id, logical_date or context["run_id"])
-        entrypoint = infill_entrypoint(params["config"], params["output_prefix"], start,
-                                       params["overrides"])
-        runtime_env = {"working_dir": params["working_dir"]} if params["working_dir"] else None
-        return run_job(make_client(address, token), base, entrypoint,
-                       poll_s=params["poll_seconds"], runtime_env=runtime_env,
-                       metadata={"dag_id": dag_id, "run_id": context["run_id"]})
-
-    run_infill()
+    # execution_timeout bounds the worker's part (submit, read the log); job_timeout the wait
+    RayInfillOperator(task_id="run_infill", execution_timeout=dt.timedelta(minutes=10),
+                      job_timeout=dt.timedelta(hours=24))
 
 
 glm_infill()

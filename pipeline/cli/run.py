@@ -34,9 +34,13 @@ def run_main(argv: list[str]) -> int:
 
 
 def run_job(args: argparse.Namespace) -> int:
+    """Run the job; a human line on stderr for each failure, then (on every exit path) the
+    machine-readable `[glm-infill] result {JSON}` line last on stdout: schedulers (Airflow,
+    scripts around `ray job logs`) read the outcome from it."""
     from pipeline.job.config import ConfigError
     from pipeline.job.manifest import summary
     from pipeline.job.plan import SourceError
+    from pipeline.job.result import JobResult, result_line
     from pipeline.job.runner import (
         PREFIX,
         InfillJob,
@@ -48,21 +52,20 @@ def run_job(args: argparse.Namespace) -> int:
     from pipeline.job.storage import OutputError, StorageError
 
     overrides = args.overrides + (["output.overwrite=true"] if args.overwrite else [])
+    job = None
     try:
         job = InfillJob.from_yaml(args.config or default_config_path(), overrides)
-        manifest = job.run()
+        result = job.run()
+        print(f"{PREFIX} {summary(result.manifest)}", flush=True)
     except (ConfigError, SourceError, OutputError, StorageError) as err:
         print(f"{PREFIX} error: {err}", file=sys.stderr)
-        return 2
-    except JobFailed as err:
-        print(f"{PREFIX} failed: {err}", file=sys.stderr)
-        return 1
-    except InfrastructureError as err:
-        print(f"{PREFIX} failed (infrastructure, nothing in flight was committed; run again to "
-              f"resume): {err}", file=sys.stderr)
-        return 3
-    except JobInterrupted as err:
-        print(f"{PREFIX} interrupted: {err}", file=sys.stderr)
-        return 130
-    print(f"{PREFIX} {summary(manifest)}", flush=True)
-    return 0
+        output = job.config.output.path if job else None
+        result = JobResult("failed", 2, output, reason=str(err))
+    except (JobFailed, InfrastructureError, JobInterrupted) as err:
+        what = {JobFailed: "failed", JobInterrupted: "interrupted",
+                InfrastructureError: "failed (infrastructure, nothing in flight was committed; "
+                                     "run again to resume)"}[type(err)]
+        print(f"{PREFIX} {what}: {err}", file=sys.stderr)
+        result = err.result or JobResult("failed", err.exit_code, None, reason=str(err))
+    print(result_line(result), flush=True)
+    return result.exit_code

@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import posixpath
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -274,17 +276,55 @@ def read_text(path: str | Path) -> str:
         return handle.read()
 
 
+PATH_KEYS = (("source", "paths"), ("output", "path"), ("model", "path"))
+
+
+def _joined(path: Any, base: str) -> Any:
+    """`path` joined to `base` if it is a relative local path (anything else unchanged)."""
+    if not isinstance(path, str) or "://" in path or os.path.isabs(path):
+        return path
+    if "://" in base:
+        scheme, prefix = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(prefix, path))}"
+    return os.path.normpath(os.path.join(base, path))
+
+
+def resolve_paths(raw: dict[str, Any], base: str) -> dict[str, Any]:
+    """The config with its relative `source.paths`, `output.path` and `model.path` joined to
+    `base` (a directory or an object-storage prefix), so a job means the same thing from
+    whatever directory (or Ray job working dir) it is started."""
+    result = copy.deepcopy(raw)
+    for section, key in PATH_KEYS:
+        values = result.get(section)
+        if not isinstance(values, dict) or key not in values:
+            continue
+        value = values[key]
+        values[key] = ([_joined(v, base) for v in value] if isinstance(value, list)
+                       else _joined(value, base))
+    return result
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
-    """Read a YAML job config (local or object storage) and apply `--set` overrides."""
+    """Read a YAML job config (local or object storage, or a mapping given inline as
+    `{...}`) and apply `--set` overrides.
+
+    Relative paths written in the file are relative to the file's directory; relative paths
+    given as overrides are relative to the working directory (where the user typed them)."""
+    path = str(path)
+    inline = path.lstrip().startswith("{")  # `glm-infill submit` passes the config itself
+    where = "the inline config" if inline else path
     try:
-        raw = yaml.safe_load(read_text(path)) or {}
+        raw = yaml.safe_load(path if inline else read_text(path)) or {}
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read the job config ({err})") from None
+        raise ConfigError(f"{where}: cannot read the job config ({err})") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        raise ConfigError(f"{where}: not valid YAML ({err})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    return validate(apply_overrides(raw, overrides or []))
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(raw).__name__}")
+    folder = (os.getcwd() if inline else path.rsplit("/", 1)[0] if "://" in path
+              else os.path.dirname(os.path.abspath(path)))
+    raw = apply_overrides(resolve_paths(raw, folder), overrides or [])
+    return validate(resolve_paths(raw, os.getcwd()))
 
 
 def model_dir(model: ModelConfig, demo_dir: str) -> str:

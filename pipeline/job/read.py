@@ -37,7 +37,7 @@ READ_CHUNK = 1 << 16
 BOM = b"\xef\xbb\xbf"
 
 
-class _Rows:
+class RowMaker:
     """Turns the records of one unit into validated work rows with stable ids."""
 
     def __init__(self, unit: Unit, source: SourceConfig):
@@ -93,7 +93,7 @@ class _Rows:
         return {**row, "record": text}
 
 
-def _split_lines(chunks: Iterable[bytes], max_line: int) -> Iterator[tuple[int, bytes | None]]:
+def split_lines(chunks: Iterable[bytes], max_line: int) -> Iterator[tuple[int, bytes | None]]:
     """(length, line) for each line of a byte stream, without its newline; the line is None
     when it is longer than `max_line` (its bytes are skipped, never held)."""
     rest, size, overlong = bytearray(), 0, False
@@ -112,7 +112,7 @@ def _split_lines(chunks: Iterable[bytes], max_line: int) -> Iterator[tuple[int, 
         yield size, None if overlong else bytes(rest)
 
 
-def _chunks(handle: Any) -> Iterator[bytes]:
+def read_chunks(handle: Any) -> Iterator[bytes]:
     while chunk := handle.read(READ_CHUNK):
         yield chunk
 
@@ -124,10 +124,10 @@ def _range_lines(fs: pafs.FileSystem, path: str, unit: Unit, max_line: int
         position = unit.start
         if position > 0:  # skip the end of the line that started in the previous range
             handle.seek(position - 1)
-            length, _ = next(_split_lines(_chunks(handle), max_line=0), (0, None))
+            length, _ = next(split_lines(read_chunks(handle), max_line=0), (0, None))
             position += length
             handle.seek(position)
-        for length, line in _split_lines(_chunks(handle), max_line):
+        for length, line in split_lines(read_chunks(handle), max_line):
             if position >= unit.stop:
                 return
             yield line
@@ -175,15 +175,15 @@ def _decompressed(raw: Iterable[bytes], path: str) -> Iterator[bytes]:
         raise Damaged("truncated compressed stream: the file ends inside compressed data")
 
 
-def _stream_lines(fs: pafs.FileSystem, path: str, max_line: int) -> Iterator[bytes | None]:
+def stream_lines(fs: pafs.FileSystem, path: str, max_line: int) -> Iterator[bytes | None]:
     """Every line of a compressed file, in order. Damage raises `Damaged`; the lines before
     it are complete (a line is yielded only once its newline arrived)."""
     with fs.open_input_stream(path, compression=None) as stream:  # raw bytes
-        for _, line in _split_lines(_decompressed(_chunks(stream), path), max_line):
+        for _, line in split_lines(_decompressed(read_chunks(stream), path), max_line):
             yield line
 
 
-def _json_row(rows: _Rows, index: int, raw: bytes | None, max_line: int) -> dict[str, Any] | None:
+def json_row(rows: RowMaker, index: int, raw: bytes | None, max_line: int) -> dict[str, Any] | None:
     """One JSONL line as a work row; None for a blank line (not a row)."""
     if raw is None:
         return rows.error(index, ErrorType.LINE_TOO_LONG,
@@ -206,7 +206,7 @@ def _json_row(rows: _Rows, index: int, raw: bytes | None, max_line: int) -> dict
     return rows.row(index, record)
 
 
-def _parquet_rows(rows: _Rows, fs: pafs.FileSystem, path: str) -> Iterator[dict[str, Any]]:
+def _parquet_rows(rows: RowMaker, fs: pafs.FileSystem, path: str) -> Iterator[dict[str, Any]]:
     unit, source = rows.unit, rows.source
     with fs.open_input_file(path) as handle:
         parquet = pq.ParquetFile(handle)
@@ -230,12 +230,12 @@ class UnitReader:
         self.config_hash = config_hash
         self.config = JobConfig.model_validate(job)
         self.source = self.config.source
-        self.rows = _Rows(unit, self.source)
+        self.rows = RowMaker(unit, self.source)
 
     def _lines_to_rows(self, lines: Iterable[bytes | None], first: int) -> list[dict]:
         found = []
         for index, raw in enumerate(lines, start=first):
-            row = _json_row(self.rows, index, raw, self.source.max_line_bytes)
+            row = json_row(self.rows, index, raw, self.source.max_line_bytes)
             if row is not None:
                 found.append(self.rows.finish(row))
         return found
@@ -271,7 +271,7 @@ class UnitReader:
         fs, path = resolve(self.unit.uri, self.source.storage)
         self._check_unchanged(fs, path)
         size = self.source.unit_rows
-        lines = _stream_lines(fs, path, self.source.max_line_bytes)
+        lines = stream_lines(fs, path, self.source.max_line_bytes)
         chunk: list[bytes | None] = []
         index = 0
         damage = None

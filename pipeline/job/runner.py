@@ -30,9 +30,12 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.job.config import ConfigError, JobConfig, load_config, validate
+from pipeline.job.checks import check_columns, check_model
+from pipeline.job.cluster import cluster_address, connect, ray_job_working_dir
+from pipeline.job.config import ConfigError, JobConfig, load_config, resolve_paths, validate
 from pipeline.job.manifest import BYTES_PER_ROW, Progress, RunManifest
 from pipeline.job.plan import Plan, Unit, is_inside, list_files, plan_units
+from pipeline.job.result import JobResult
 from pipeline.job.retry import root_cause
 from pipeline.job.storage import OutputError, OutputStore
 from pipeline.job.write import unit_stats
@@ -57,13 +60,22 @@ MAX_UNIT_BLOCK = 1 << 30  # above any unit: Ray Data must not split a unit's blo
 class JobFailed(RuntimeError):
     """The job ran and committed what it could, but the data did not pass (exit 1)."""
 
+    exit_code = 1
+    result: JobResult | None = None  # the failed run's result, manifest included
+
 
 class InfrastructureError(RuntimeError):
     """A fault of the machinery that the retries did not overcome (exit 3)."""
 
+    exit_code = 3
+    result: JobResult | None = None
+
 
 class JobInterrupted(BaseException):
     """Ctrl-C or SIGTERM (exit 130)."""
+
+    exit_code = 130
+    result: JobResult | None = None
 
 
 @contextlib.contextmanager
@@ -87,19 +99,6 @@ def _log(message: str) -> None:
     print(f"{PREFIX} {message}", file=sys.stderr, flush=True)
 
 
-def _connect(config: JobConfig) -> None:
-    """Join the configured or current cluster; otherwise start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
-
-
 class InfillJob:
     """One infill job: a validated config and the means to run it on Ray."""
 
@@ -109,19 +108,30 @@ class InfillJob:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> InfillJob:
-        """A job from a YAML file (local or object storage) and `key.sub=value` overrides."""
+        """A job from a YAML file (local or object storage) and `key.sub=value` overrides;
+        relative paths in the file are relative to the file, in overrides to the working
+        directory."""
         return cls(load_config(path, list(overrides)))
 
     @classmethod
     def from_kwargs(cls, **sections: Any) -> InfillJob:
-        """A job from config sections given as dicts or section models."""
+        """A job from config sections given as dicts or section models (relative paths are
+        relative to the working directory)."""
         raw = {name: value.model_dump() if hasattr(value, "model_dump") else value
                for name, value in sections.items()}
-        return cls(validate(raw))
+        return cls(validate(resolve_paths(raw, os.getcwd())))
 
     def _check_paths(self) -> None:
-        """An output inside an input folder would be read back as input by the next run."""
+        """An output inside an input folder would be read back as input by the next run; one
+        inside a Ray job's working_dir copy would be deleted with the job."""
         output = self.config.output.path
+        copy = ray_job_working_dir()
+        if copy and is_inside(output, copy):
+            raise ConfigError(
+                f"output.path {output} lies inside this Ray job's copy of its working_dir, "
+                "which Ray deletes later; give an absolute path outside it or an "
+                "object-storage URI (--set output.path=s3://...), or submit with "
+                "`glm-infill submit`, which resolves relative paths on your machine")
         for path in self.config.source.paths:
             folder = path[:min([path.find(c) for c in "*?[" if c in path] or [len(path)])]
             if is_inside(output, folder.rstrip("/") or "/"):
@@ -153,55 +163,53 @@ class InfillJob:
         return committed
 
     def _check_model(self) -> None:
-        """Fail before starting Ray when the checkpoint here is unusable. A path missing on
-        the driver may still exist on the workers (a cluster's model volume): only warn."""
-        from pipeline.glm.checkpoint import CheckpointError, load_config
+        """Fail before any engine starts when the checkpoint is unusable or the token budget
+        would fail every row; a path only the cluster's nodes have is looked at there."""
+        check_model(self.config, self.log)
 
-        path = self.config.model.path
-        if path is None:
-            return
-        if not Path(path).exists():
-            self.log(f"warning: model.path {path} does not exist here; the workers must have it")
-            return
-        try:
-            load_config(path)
-        except CheckpointError as err:
-            raise ConfigError(f"model.path: {err}") from None
-
-    def run(self) -> dict[str, Any]:
-        """Run (or resume) the job on the current Ray cluster; returns the manifest."""
+    def run(self) -> JobResult:
+        """Run (or resume) the job on the current Ray cluster. A failure raises `JobFailed`,
+        `InfrastructureError` or `JobInterrupted` with the failed run's `result` attached, a
+        config mistake `ConfigError` (before anything is written)."""
         config = self.config
+        cluster_address(config)
         self._check_model()
         self._check_paths()
         config_hash = config.config_hash()
         store = OutputStore(config.output.path, config.source.storage)
         files = list_files(config.source)
+        check_columns(config, files)
         committed = self._check_output(store, config_hash)
         run = RunManifest(config, store, files, self.log)
         try:
             with _sigterm_interrupts():
-                return self._run(run, store, files, committed)
+                return JobResult.from_manifest(self._run(run, store, files, committed), 0)
         except (JobFailed, ConfigError):
             raise
-        except JobInterrupted as err:
-            run.save("failed", f"interrupted: {err}")
-            raise
-        except KeyboardInterrupt:
-            run.save("failed", "interrupted: Ctrl-C")
-            raise JobInterrupted("interrupted by Ctrl-C") from None
+        except (JobInterrupted, KeyboardInterrupt) as err:
+            interrupted = err if isinstance(err, JobInterrupted) else JobInterrupted(
+                "Ctrl-C")
+            manifest = run.save("failed", f"interrupted: {interrupted}")
+            interrupted.result = JobResult.from_manifest(manifest, interrupted.exit_code)
+            if interrupted is err:
+                raise
+            raise interrupted from None
         except Exception as err:
             reason = root_cause(err)
+            manifest = run.manifest("failed", reason)
             try:
                 run.save("failed", reason)
             except Exception as save_err:  # the output store itself may be what failed
                 self.log(f"could not write the manifest: {save_err}")
-            raise InfrastructureError(reason) from err
+            failure = InfrastructureError(reason)
+            failure.result = JobResult.from_manifest(manifest, failure.exit_code)
+            raise failure from err
 
     def _run(self, run: RunManifest, store: OutputStore, files: list[str],
              committed: dict[str, Any]) -> dict[str, Any]:
         config = self.config
         finished_streams = self._resume(run, store, committed)
-        _connect(config)
+        connect(config)
         plan = plan_units(files, config.source, set(committed), finished_streams)
         run.unreadable = plan.unreadable
         self.log(f"job {run.hash[:12]}: {len(files)} files, {len(committed)} parts already "
@@ -214,8 +222,9 @@ class InfillJob:
         store.clear_tmp()
         problems = self._data_problems(manifest)
         if problems:
-            manifest = run.save("failed", problems)
-            raise JobFailed(f"{problems}; outputs and manifest are in {store.uri}")
+            failure = JobFailed(f"{problems}; outputs and manifest are in {store.uri}")
+            failure.result = JobResult.from_manifest(run.save("failed", problems), 1)
+            raise failure
         return manifest
 
     def _data_problems(self, manifest: dict[str, Any]) -> str | None:

@@ -131,7 +131,7 @@ class OutputStore:
 
     def __init__(self, uri: str, storage: StorageConfig):
         self.fs, self.root = resolve(uri, storage)
-        self.uri = uri
+        self.uri = self.root if scheme(uri) == "file" else uri  # absolute, as users see it
 
     def _path(self, *names: str) -> str:
         return posixpath.join(self.root, *names)

@@ -65,7 +65,7 @@ class Background:
 
     def _run(self, job: InfillJob) -> None:
         try:
-            self.result = job.run()
+            self.result = job.run().manifest
         except BaseException as err:  # noqa: BLE001 - handed to the test
             self.result = err
 
@@ -85,9 +85,9 @@ def wait_for(condition: Callable[[], bool], timeout: float = 180, what: str = ""
 def run_until_done(config: dict) -> dict:
     """Run, and once more if an infrastructure fault stopped the first run (a resume)."""
     try:
-        return InfillJob.from_kwargs(**config).run()
+        return InfillJob.from_kwargs(**config).run().manifest
     except InfrastructureError:
-        return InfillJob.from_kwargs(**config).run()
+        return InfillJob.from_kwargs(**config).run().manifest
 
 
 def test_s3_outage_during_reading_and_writing(ray_cluster: RayHead, s3: SeaweedS3,
@@ -121,7 +121,7 @@ def test_s3_outage_during_reading_and_writing(ray_cluster: RayHead, s3: SeaweedS
     result = run.wait()
     if isinstance(result, InfrastructureError):  # at most one resume
         print(f"first run failed ({result}); resuming")
-        result = InfillJob.from_kwargs(**config).run()
+        result = InfillJob.from_kwargs(**config).run().manifest
     assert isinstance(result, dict), result
     assert result["status"] == "succeeded" and result["rows_error"] == 0
     table = read_output(f"{BUCKET}/outage/out", fs)
@@ -141,15 +141,17 @@ def test_file_deleted_after_planning(ray_cluster: RayHead, small_model: Path,
         if "read tasks to do" in message:  # planned, nothing read yet
             doomed.unlink()
 
-    with pytest.raises(InfrastructureError, match="f1.jsonl"):
+    with pytest.raises(InfrastructureError, match="f1.jsonl") as failed:
         InfillJob(InfillJob.from_kwargs(**config).config, log=log).run()
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["status"] == "failed" and "f1.jsonl" in manifest["reason"]
+    result = failed.value.result  # the SDK's typed result of the failed run
+    assert (result.status, result.exit_code, result.reason) == ("failed", 3, manifest["reason"])
     committed = read_output(out).column("id").to_pylist() if any(out.glob("part-*")) else []
     assert not any(i.startswith("f1.jsonl") for i in committed), "no row stands for f1"
     assert len(committed) == len(set(committed))
 
-    final = InfillJob.from_kwargs(**config).run()  # the file is gone: the job is the rest
+    final = InfillJob.from_kwargs(**config).run().manifest  # the file is gone: the rest
     assert final["status"] == "succeeded" and final["files_total"] == 2
     assert sorted(read_output(out).column("id").to_pylist()) == sorted(
         i for i in ids if not i.startswith("f1.jsonl"))
@@ -258,7 +260,7 @@ def test_poisonous_and_damaged_input(ray_cluster: RayHead, small_model: Path,
     assert 0 < len(kept) < 300 and all(errors[k] is None for k in kept)
 
     config["source"]["skip_unreadable_files"] = True  # not part of the config hash
-    accepted = InfillJob.from_kwargs(**config).run()
+    accepted = InfillJob.from_kwargs(**config).run().manifest
     assert accepted["status"] == "succeeded" and accepted["this_run"]["rows"] == 0
     assert list(accepted["damaged_files"]) == [str(root / "y" / "cut.jsonl.gz")]
 
@@ -272,7 +274,7 @@ from pipeline.job.runner import InfillJob
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
 cluster.add_node(num_cpus=2)
 ray.init(address=cluster.address)
-manifest = InfillJob.from_kwargs(**json.loads(sys.argv[1])).run()
+manifest = InfillJob.from_kwargs(**json.loads(sys.argv[1])).run().manifest
 print(json.dumps(sorted({p["node"] for p in manifest["parts"].values()})))
 ray.shutdown()
 cluster.shutdown()

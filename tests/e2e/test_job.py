@@ -97,8 +97,10 @@ def test_local_job_rerun_and_overwrite(ray_cluster: RayHead, small_model: Path,
     expected = write_corpus(tmp_path / "in")
     out = tmp_path / "out"
     sections = job_sections(str(tmp_path / "in"), str(out), small_model)
-    manifest = InfillJob.from_kwargs(**sections).run()
-    assert manifest["status"] == "succeeded"
+    result = InfillJob.from_kwargs(**sections).run()
+    assert (result.status, result.exit_code, result.output) == ("succeeded", 0, str(out))
+    assert (result.rows_in, result.rows_error) == (len(expected), len(BAD_LINES))
+    manifest = result.manifest
     assert (manifest["rows_in"], manifest["rows_error"]) == (len(expected), len(BAD_LINES))
     assert manifest["this_run"]["rows"] == len(expected)
     assert {p["status"] for p in manifest["parts"].values()} == {"committed"}
@@ -113,7 +115,7 @@ def test_local_job_rerun_and_overwrite(ray_cluster: RayHead, small_model: Path,
     assert not (out / "_tmp").exists()
 
     before = part_mtimes(out)
-    again = InfillJob.from_kwargs(**sections).run()  # a finished job: nothing to do
+    again = InfillJob.from_kwargs(**sections).run().manifest  # a finished job: nothing to do
     assert {p["status"] for p in again["parts"].values()} == {"skipped"}
     assert again["this_run"]["rows"] == 0 and again["rows_in"] == len(expected)
     assert part_mtimes(out) == before
@@ -123,7 +125,7 @@ def test_local_job_rerun_and_overwrite(ray_cluster: RayHead, small_model: Path,
     with pytest.raises(OutputError, match="another config"):
         InfillJob.from_kwargs(**changed).run()
     changed["output"]["overwrite"] = True
-    redone = InfillJob.from_kwargs(**changed).run()
+    redone = InfillJob.from_kwargs(**changed).run().manifest
     assert redone["this_run"]["rows"] == len(expected)
     fills = read_output(out).column("fills").to_pylist()
     assert max(len(f["token_ids"]) for row in fills for f in row or []) == 2
@@ -156,7 +158,7 @@ def test_s3_input_output_and_config(ray_cluster: RayHead, s3: SeaweedS3, small_m
     sections = job_sections(f"s3://{BUCKET}/job/in", f"s3://{BUCKET}/job/out", small_model,
                             source={"storage": {"endpoint_url": s3.endpoint}})
     client.put_object(Bucket=BUCKET, Key="job/config.yaml", Body=yaml.safe_dump(sections))
-    manifest = InfillJob.from_yaml(f"s3://{BUCKET}/job/config.yaml").run()
+    manifest = InfillJob.from_yaml(f"s3://{BUCKET}/job/config.yaml").run().manifest
     assert manifest["status"] == "succeeded" and manifest["rows_in"] == len(expected)
     filesystem = pafs.S3FileSystem(endpoint_override=s3.endpoint, region=REGION)
     check_rows(read_output(f"{BUCKET}/job/out", filesystem), expected)
@@ -177,12 +179,16 @@ def test_default_job_on_sample_corpus(ray_cluster: RayHead, tmp_path: Path,
                                       capsys: pytest.CaptureFixture) -> None:
     """`glm-infill run` with no config: jobs/default.yaml, the demo checkpoint, data/sample."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.chdir(REPO)
-    code = run_main(["--set", "source.paths=[data/sample/masked, data/sample/bad_rows.jsonl]",
-                     "--set", f"output.path={tmp_path / 'out'}",
-                     "--set", "sampling.max_new_tokens=2"])
+    monkeypatch.chdir(tmp_path)  # not the repository: the config's own paths still resolve
+    sample = REPO / "data" / "sample"
+    code = run_main(["--set", f"source.paths=[{sample / 'masked'}, {sample / 'bad_rows.jsonl'}]",
+                     "--set", "output.path=out", "--set", "sampling.max_new_tokens=2"])
     assert code == 0
-    assert "succeeded: 170 rows (162 ok, 8 errors" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "succeeded: 170 rows (162 ok, 8 errors" in shown
+    result = json.loads(shown.splitlines()[-1].split(" result ", 1)[1])
+    assert (result["exit_code"], result["rows_in"], result["output"]) == (
+        0, 170, str(tmp_path / "out"))
     table = read_output(tmp_path / "out")
     errors = dict(zip(table.column("id").to_pylist(), table.column("error_type").to_pylist(),
                       strict=True))
@@ -237,7 +243,7 @@ def test_resume_after_sigkill(ray_cluster: RayHead, ray_env: dict[str, str], sma
     assert 0 < len(killed_at) < shards, "the job must be killed mid-run"
     print(f"killed with {len(killed_at)}/{shards} files committed")
 
-    manifest = InfillJob.from_kwargs(**sections).run()
+    manifest = InfillJob.from_kwargs(**sections).run().manifest
     statuses = {name: p["status"] for name, p in manifest["parts"].items()}
     assert all(statuses[name] == "skipped" for name in killed_at)
     assert sum(s == "committed" for s in statuses.values()) == shards - len(killed_at)

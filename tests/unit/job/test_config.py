@@ -21,6 +21,7 @@ from pipeline.job.config import (
     load_config,
     model_dir,
     model_name,
+    resolve_paths,
     validate,
 )
 
@@ -38,7 +39,7 @@ def write_yaml(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_and_single_path(tmp_path: Path) -> None:
     config = load_config(write_yaml(tmp_path, "source: {paths: a.jsonl}\noutput: {path: o}\n"))
-    assert config.source.paths == ["a.jsonl"]
+    assert config.source.paths == [str(tmp_path / "a.jsonl")]
     assert config.model.engine == "torch" and config.model.path is None
     assert config.model.dtype == "float32" and config.model.engine_options == {}
     assert config.prompt.policy == "as_is" and config.sampling.multi_mask == "iterative"
@@ -106,7 +107,8 @@ def test_every_bad_key_is_reported() -> None:
     assert "model.engine: must be one of 'torch' or 'vllm'" in text
 
 
-def test_overrides_are_yaml(tmp_path: Path) -> None:
+def test_overrides_are_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     path = write_yaml(tmp_path, "source: {paths: a}\noutput: {path: o}\n")
     config = load_config(path, ["sampling.max_new_tokens=7", "resources.concurrency=[1, 3]",
                                 "model.device=null", "output.overwrite=true",
@@ -115,7 +117,7 @@ def test_overrides_are_yaml(tmp_path: Path) -> None:
     assert config.sampling.max_new_tokens == 7
     assert config.resources.actor_range == (1, 3)
     assert config.output.overwrite is True
-    assert config.source.paths == ["x.jsonl", "y.parquet"]
+    assert config.source.paths == [str(tmp_path / "x.jsonl"), str(tmp_path / "y.parquet")]
     assert config.prompt.template == "A: {q} [MASK]"
 
 
@@ -242,7 +244,8 @@ def test_old_multi_mask_warning_is_shown_under_default_filters() -> None:
 def test_yaml_round_trip(tmp_path: Path) -> None:
     import yaml
 
-    config = validate({**MINIMAL, "resources": {"concurrency": [2, 3]}})
+    config = validate({"source": {"paths": "/in/"}, "output": {"path": "/out"},
+                       "resources": {"concurrency": [2, 3]}})
     path = write_yaml(tmp_path, yaml.safe_dump(config.model_dump(mode="json")))
     assert load_config(path) == config
     assert isinstance(config, JobConfig)
@@ -252,7 +255,12 @@ def test_run_main_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFi
     """`glm-infill run` exits 2 on a bad config, before any Ray or model work."""
     path = write_yaml(tmp_path, "source: {paths: a}\noutput: {path: o}\nprompt: {policy: x}\n")
     assert run_main([str(path)]) == 2
-    assert "prompt.policy: must be one of" in capsys.readouterr().err
+    shown = capsys.readouterr()
+    assert "prompt.policy: must be one of" in shown.err
+    [result_line] = [line for line in shown.out.splitlines() if " result " in line]
+    result = json.loads(result_line.split(" result ", 1)[1])  # what schedulers read
+    assert (result["status"], result["exit_code"]) == ("failed", 2)
+    assert "prompt.policy: must be one of" in result["reason"]
     assert run_main([str(path), "--set", "prompt.policy=as_is", "--set", "bad"]) == 2
     assert run_main([str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml: cannot read the job config" in capsys.readouterr().err
@@ -262,3 +270,54 @@ def test_run_main_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFi
     assert run_main([str(path), "--set", "prompt.policy=as_is",
                      "--set", "model.engine_options={max_num_seqs: 2}"]) == 2
     assert "engine_options (torch).max_num_seqs: unknown key" in capsys.readouterr().err
+
+
+def test_relative_paths_in_a_file_are_relative_to_the_file(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default job (and any config) means the same thing from any directory; paths
+    typed as overrides are relative to where they were typed."""
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    path = write_yaml(folder, "source: {paths: [../data/a.jsonl, s3://b/x.jsonl]}\n"
+                              "output: {path: out}\nmodel: {path: ../ckpt}\n")
+    monkeypatch.chdir(tmp_path.parent)
+    config = load_config(path)
+    assert config.source.paths == [str(tmp_path / "data" / "a.jsonl"), "s3://b/x.jsonl"]
+    assert (config.output.path, config.model.path) == (str(folder / "out"),
+                                                       str(tmp_path / "ckpt"))
+    monkeypatch.chdir(tmp_path)
+    typed = load_config(path, ["output.path=here/out", "source.paths=/abs/in.jsonl"])
+    assert (typed.output.path, typed.source.paths) == (str(tmp_path / "here" / "out"),
+                                                       ["/abs/in.jsonl"])
+
+
+def test_relative_paths_of_a_config_in_object_storage_stay_in_its_prefix() -> None:
+    raw = {"source": {"paths": "../data/*.jsonl"}, "output": {"path": "out"},
+           "model": {"path": None}}
+    resolved = resolve_paths(raw, "s3://bucket/jobs")
+    assert resolved["source"]["paths"] == "s3://bucket/data/*.jsonl"
+    assert resolved["output"]["path"] == "s3://bucket/jobs/out"
+    assert resolved["model"]["path"] is None and raw["output"]["path"] == "out"
+
+
+def test_sdk_sections_resolve_against_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.job.runner import InfillJob
+
+    monkeypatch.chdir(tmp_path)
+    job = InfillJob.from_kwargs(source={"paths": "in"}, output={"path": "out"})
+    assert (job.config.source.paths, job.config.output.path) == ([str(tmp_path / "in")],
+                                                                 str(tmp_path / "out"))
+
+
+def test_a_dashboard_url_as_ray_address_is_explained(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """RAY_ADDRESS=http://host:8265 (the form of Ray's job docs) names the Jobs API, not a
+    cluster a driver can join: one line saying what to do, exit 2, before Ray starts."""
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    path = write_yaml(tmp_path, "source: {paths: a.jsonl}\noutput: {path: o}\n")
+    assert run_main([str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Ray dashboard (Jobs API) address" in err
+    assert "glm-infill submit --address http://127.0.0.1:8265" in err
