@@ -14,6 +14,10 @@ from typing import Any
 _EXPORTS = {
     "InfillJob": "pipeline.job.runner",
     "JobFailed": "pipeline.job.runner",
+    "InfrastructureError": "pipeline.job.runner",
+    "JobInterrupted": "pipeline.job.runner",
+    "JobResult": "pipeline.job.result",
+    "ConfigError": "pipeline.job.config",
     "JobConfig": "pipeline.job.config",
     "load_config": "pipeline.job.config",
 }

@@ -32,7 +32,15 @@ def connect(config: JobConfig) -> None:
         return
     address = cluster_address(config)
     if address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except (ConnectionError, RuntimeError) as err:
+            hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
+                "; if it uses token authentication, set RAY_AUTH_MODE=token with the token in "
+                "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (docs/ray.md)")
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConnectionError(f"cannot join the Ray cluster at {address} ({first})"
+                                  f"{hint}") from None
         return
     # Ray turns token authentication on for a new local cluster (good) and warns about it on
     # every run (noise: nothing for the user to do). The mode cannot be set from here once

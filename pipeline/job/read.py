@@ -225,9 +225,11 @@ def _parquet_rows(rows: RowMaker, fs: pafs.FileSystem, path: str) -> Iterator[di
 class UnitReader:
     """The read task of one unit: a generator of blocks, one per unit."""
 
-    def __init__(self, unit: Unit, job: dict[str, Any], config_hash: str):
+    def __init__(self, unit: Unit, job: dict[str, Any], config_hash: str,
+                 commit_empty: bool = True):
         self.unit = unit
         self.config_hash = config_hash
+        self.commit_empty = commit_empty  # False: a lazy dataset that commits nothing
         self.config = JobConfig.model_validate(job)
         self.source = self.config.source
         self.rows = RowMaker(unit, self.source)
@@ -301,7 +303,7 @@ class UnitReader:
                            "unit_damage": damage} for row in rows])
         if rows:
             yield block
-        else:
+        elif self.commit_empty:
             write_empty_unit(self.config, self.config_hash, self.unit.uri, index, last, damage)
 
 
@@ -309,22 +311,26 @@ class UnitDatasource(Datasource):
     """Ray Data source with one read task per unit (`override_num_blocks=len(units)` keeps
     Ray from re-splitting a unit's output)."""
 
-    def __init__(self, units: list[Unit], job: dict[str, Any], config_hash: str):
+    def __init__(self, units: list[Unit], job: dict[str, Any], config_hash: str,
+                 commit_empty: bool = True):
         self.units = units
         self.job = job
         self.config_hash = config_hash
+        self.commit_empty = commit_empty
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
-        return [ReadTask(functools.partial(_read, unit, self.job, self.config_hash),
+        return [ReadTask(functools.partial(_read, unit, self.job, self.config_hash,
+                                           self.commit_empty),
                          BlockMetadata(num_rows=unit.rows, size_bytes=None, exec_stats=None,
                                        input_files=(unit.uri,)),
                          schema=WORK_SCHEMA)
                 for unit in self.units]
 
 
-def _read(unit: Unit, job: dict[str, Any], config_hash: str) -> Iterator[pa.Table]:
-    return UnitReader(unit, job, config_hash)()
+def _read(unit: Unit, job: dict[str, Any], config_hash: str, commit_empty: bool
+          ) -> Iterator[pa.Table]:
+    return UnitReader(unit, job, config_hash, commit_empty)()

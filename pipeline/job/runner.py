@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -54,6 +55,7 @@ PREFIX = "[glm-infill]"
 READ_CPUS = 0.5  # fractional, so that reads never starve the actors on small machines
 PROMPT_CPUS = 0.25
 WRITE_CPUS = 0.25
+PROGRESS_LOGGER = "ray.data._internal.progress"  # "Progress bars disabled" on every run
 MAX_UNIT_BLOCK = 1 << 30  # above any unit: Ray Data must not split a unit's block
 
 
@@ -166,6 +168,32 @@ class InfillJob:
         """Fail before any engine starts when the checkpoint is unusable or the token budget
         would fail every row; a path only the cluster's nodes have is looked at there."""
         check_model(self.config, self.log)
+
+    def dataset(self) -> ray.data.Dataset:
+        """The job's results as a lazy Ray Dataset, one row per input row in the output
+        schema (`schemas/output.py`), to compose with other Ray Data steps as Ray Data LLM's
+        processors do: nothing is executed until it is consumed, and nothing is written,
+        resumed or recorded in a manifest (`run()` is the batch job that does all that).
+        A file that cannot be parsed, or a compressed one that ends in damage, fails it unless
+        `source.skip_unreadable_files` (then its readable rows are the dataset's)."""
+        config = self.config
+        cluster_address(config)
+        self._check_model()
+        files = list_files(config.source)
+        check_columns(config, files)
+        connect(config)
+        plan = plan_units(files, config.source, set(), set())
+        if plan.unreadable and not config.source.skip_unreadable_files:
+            uri, why = next(iter(plan.unreadable.items()))
+            raise JobFailed(f"{len(plan.unreadable)} input file(s) cannot be read (e.g. "
+                            f"{uri}: {why})")
+        from pipeline.job.write import output_rows
+
+        config_hash = config.config_hash()
+        ds = build_stages(config, plan.units, config_hash, commit_empty=False)
+        return ds.map_batches(output_rows, fn_kwargs={"job": config.model_dump(mode="json"),
+                                                      "config_hash": config_hash},
+                              batch_size=None, batch_format="pyarrow", num_cpus=WRITE_CPUS)
 
     def run(self) -> JobResult:
         """Run (or resume) the job on the current Ray cluster. A failure raises `JobFailed`,
@@ -293,30 +321,31 @@ class InfillJob:
                                       "finish them")
 
 
-def build_dataset(config: JobConfig, units: list[Unit], config_hash: str) -> ray.data.Dataset:
-    """read -> prompts -> generate -> write over the units: one unit is one block end to end
-    (one read task each, `batch_size=None` on every stage), so every call sees whole units."""
+def build_stages(config: JobConfig, units: list[Unit], config_hash: str,
+                 commit_empty: bool = True) -> ray.data.Dataset:
+    """read -> prompts -> generate over the units: one unit is one block end to end (one read
+    task each, `batch_size=None` on every stage), so every call sees whole units."""
     import ray.data
 
     from pipeline.glm.demo import default_demo_dir
     from pipeline.job.generate import GenerateStage
     from pipeline.job.prompts import PromptStage
     from pipeline.job.read import UnitDatasource
-    from pipeline.job.write import write_units
 
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # our own progress line (manifest.Progress)
+    context.enable_progress_bars = False  # our own progress line (manifest.Progress) ...
+    logging.getLogger(PROGRESS_LOGGER).setLevel(logging.ERROR)  # ... and no note about it
     context.target_max_block_size = max(context.target_max_block_size or 0, MAX_UNIT_BLOCK)
     job = config.model_dump(mode="json")
     stage_args = {"config": job, "demo_dir": str(default_demo_dir())}
     res = config.resources
     low, high = res.actor_range
-    ds = ray.data.read_datasource(UnitDatasource(units, job, config_hash),
+    ds = ray.data.read_datasource(UnitDatasource(units, job, config_hash, commit_empty),
                                   override_num_blocks=len(units), num_cpus=READ_CPUS)
     ds = ds.map_batches(PromptStage, fn_constructor_kwargs=stage_args, batch_size=None,
                         batch_format="pyarrow", num_cpus=PROMPT_CPUS,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=high))
-    ds = ds.map_batches(
+    return ds.map_batches(
         GenerateStage, fn_constructor_kwargs=stage_args, batch_size=None,
         batch_format="pyarrow", num_cpus=res.num_cpus_per_actor, num_gpus=res.num_gpus,
         # Two units per actor at a time: an async engine takes the next unit's rows while
@@ -324,7 +353,16 @@ def build_dataset(config: JobConfig, units: list[Unit], config_hash: str) -> ray
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high,
                                            max_tasks_in_flight_per_actor=2,
                                            max_concurrent_calls_per_actor=2))
-    return ds.map_batches(write_units, fn_kwargs={"job": job, "config_hash": config_hash},
+
+
+def build_dataset(config: JobConfig, units: list[Unit], config_hash: str) -> ray.data.Dataset:
+    """The batch job: the stages, then the write stage (parts committed on the workers; the
+    dataset's rows are the commit records)."""
+    from pipeline.job.write import write_units
+
+    ds = build_stages(config, units, config_hash)
+    return ds.map_batches(write_units, fn_kwargs={"job": config.model_dump(mode="json"),
+                                                  "config_hash": config_hash},
                           batch_size=None, batch_format="pyarrow", num_cpus=WRITE_CPUS)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -132,11 +133,8 @@ def write_empty_unit(config: JobConfig, config_hash: str, source: str, unit: int
     _commit(store, config, config_hash, WORK_SCHEMA.empty_table(), source, unit, last, damage)
 
 
-def write_units(batch: pa.Table, job: dict[str, Any], config_hash: str) -> pa.Table:
-    """The write stage: commit every unit of the block; return their commit records."""
-    config = JobConfig.model_validate(job)
-    store = OutputStore(config.output.path, config.source.storage)
-    records = []
+def _units(batch: pa.Table) -> Iterator[tuple[str, int, pa.Table]]:
+    """Every whole unit of a block: (source file, unit index, its rows)."""
     sources = batch.column("source_file")
     for source in pc.unique(sources).to_pylist():
         of_source = batch.filter(pc.equal(sources, source))
@@ -146,7 +144,29 @@ def write_units(batch: pa.Table, job: dict[str, Any], config_hash: str) -> pa.Ta
             if rows.num_rows != expected:  # Ray split a unit: never commit part of one
                 raise RuntimeError(f"{source} unit {unit}: {rows.num_rows} of {expected} rows "
                                    "arrived together; not committing it")
-            records.append(_commit(store, config, config_hash, rows, source, unit,
-                                   rows.column("unit_last")[0].as_py(),
-                                   rows.column("unit_damage")[0].as_py()))
+            yield source, unit, rows
+
+
+def write_units(batch: pa.Table, job: dict[str, Any], config_hash: str) -> pa.Table:
+    """The write stage: commit every unit of the block; return their commit records."""
+    config = JobConfig.model_validate(job)
+    store = OutputStore(config.output.path, config.source.storage)
+    records = [_commit(store, config, config_hash, rows, source, unit,
+                       rows.column("unit_last")[0].as_py(), rows.column("unit_damage")[0].as_py())
+               for source, unit, rows in _units(batch)]
     return pa.Table.from_pylist(records, schema=COMMIT_SCHEMA)
+
+
+def output_rows(batch: pa.Table, job: dict[str, Any], config_hash: str) -> pa.Table:
+    """The last step of a lazy dataset (`InfillJob.dataset()`): the block's rows in the output
+    schema, as the parts would hold them, written nowhere."""
+    config = JobConfig.model_validate(job)
+    tables = []
+    for source, unit, rows in _units(batch):
+        damage = rows.column("unit_damage")[0].as_py()
+        if damage and not config.source.skip_unreadable_files:
+            raise ValueError(f"{source} is damaged after its last complete line ({damage}); "
+                             "set source.skip_unreadable_files: true to accept its rows")
+        tables.append(assemble(rows, config, config_hash, source, unit, False, damage)
+                      .replace_schema_metadata(None))
+    return pa.concat_tables(tables)

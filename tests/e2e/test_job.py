@@ -303,3 +303,22 @@ def test_ray_job_submit(ray_address: str, small_model: Path, tmp_path: Path) -> 
     assert "succeeded: 13 rows (7 ok, 6 errors" in done.stdout
     check_rows(read_output(tmp_path / "out"), expected)
 
+
+
+def test_results_as_a_lazy_dataset(ray_cluster: RayHead, small_model: Path,
+                                   tmp_path: Path) -> None:
+    """`InfillJob.dataset()` composes with other Ray Data steps and writes nothing; its rows
+    are the rows `run()` commits (same seeds, same schema)."""
+    expected = write_corpus(tmp_path / "in")
+    sections = job_sections(str(tmp_path / "in"), str(tmp_path / "out"), small_model,
+                            sampling={"seed": 3, "temperature": 0.8})
+    ds = InfillJob.from_kwargs(**sections).dataset()
+    ok = ds.filter(lambda row: row["error_type"] is None)  # lazy until counted
+    assert ok.count() == sum(error is None for error in expected.values())
+    rows = pa.Table.from_pylist(ds.take_all())
+    check_rows(rows, expected)
+    assert {"model", "engine", "lang"} <= set(rows.column_names)
+    assert not (tmp_path / "out").exists()  # nothing written, no manifest
+    InfillJob.from_kwargs(**sections).run()
+    committed = {r["id"]: r["fills"] for r in read_output(tmp_path / "out").to_pylist()}
+    assert {r["id"]: r["fills"] for r in rows.to_pylist()} == committed
