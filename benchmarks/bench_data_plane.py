@@ -42,10 +42,11 @@ WORDS = ["the", "river", "city", "table", "file", "data", "mode", "value", "year
 
 
 class PeakMemory:
-    """Samples the memory of this process and every Ray process every 0.5 s. `peak` sums PSS
-    (each shared page split among the processes mapping it: torch's libraries and the object
-    store are not counted once per process); `peak_rss` sums RSS, which counts them again in
-    every process."""
+    """Samples the memory of this process and every process it started (the local Ray
+    cluster: GCS, raylet, workers; nothing of other clusters on the machine) every 0.5 s.
+    `peak` sums PSS (each shared page split among the processes mapping it: torch's libraries
+    and the object store are not counted once per process); `peak_rss` sums RSS, which counts
+    them again in every process."""
 
     def __enter__(self) -> PeakMemory:
         self.peak, self.peak_rss, self._stop = 0, 0, threading.Event()
@@ -57,12 +58,13 @@ class PeakMemory:
         me = psutil.Process()
         while not self._stop.wait(0.5):
             pss = rss = 0
-            for process in psutil.process_iter(["cmdline"]):
-                line = " ".join(process.info["cmdline"] or [])
-                if process.pid == me.pid or "ray" in line or "raylet" in line:
-                    with contextlib.suppress(psutil.Error):
-                        info = process.memory_full_info()
-                        pss, rss = pss + info.pss, rss + info.rss
+            processes = [me]
+            with contextlib.suppress(psutil.Error):
+                processes += me.children(recursive=True)
+            for process in processes:
+                with contextlib.suppress(psutil.Error):
+                    info = process.memory_full_info()
+                    pss, rss = pss + info.pss, rss + info.rss
             self.peak, self.peak_rss = max(self.peak, pss), max(self.peak_rss, rss)
 
     def __exit__(self, *exc: object) -> None:
