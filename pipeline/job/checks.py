@@ -180,10 +180,12 @@ def inspect_model(config: JobConfig) -> ModelSummary:
     try:
         glm = load_config(root)
         tokenizer = load_tokenizer(root)
+        for role in ("cls_id", "eos_id", "sop_id", "eop_id"):  # what every prompt needs
+            getattr(tokenizer, role)
         weights = _weights(root, glm)
+        check_token_budget(config, glm, tokenizer)
     except (CheckpointError, TokenizerError) as err:
         raise ConfigError(f"model.path: {err}") from None
-    check_token_budget(config, glm, tokenizer)
     return ModelSummary(model_name(config.model), str(root), glm, type(tokenizer).__name__,
                         len(tokenizer), weights)
 

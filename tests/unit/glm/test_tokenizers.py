@@ -30,16 +30,19 @@ GLM_SPECIALS = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
                                               "[sMASK]"]}
 
 
-def write_gpt2_tokenizer(model_dir: Path, added_tokens: dict[str, int] | None = None) -> Path:
-    """A byte-level BPE trained here, saved as GPT-2's vocab.json + merges.txt."""
+def write_gpt2_tokenizer(model_dir: Path, added_tokens: dict[str, int] | None = None,
+                         specials: dict | None = None, in_vocab: tuple[str, ...] = ()) -> Path:
+    """A byte-level BPE trained here, saved as GPT-2's vocab.json + merges.txt. `specials`
+    (default GLM_SPECIALS) go to tokenizer_config.json; `in_vocab` become vocabulary entries."""
     model_dir.mkdir(parents=True, exist_ok=True)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"],
+        vocab_size=400, special_tokens=["<|endoftext|>", *in_vocab],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     bpe.model.save(str(model_dir))
-    config = {"tokenizer_class": "GLMGPT2Tokenizer", **GLM_SPECIALS}
+    config = {"tokenizer_class": "GLMGPT2Tokenizer",
+              **(GLM_SPECIALS if specials is None else specials)}
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
     if added_tokens:
         (model_dir / "added_tokens.json").write_text(json.dumps(added_tokens))

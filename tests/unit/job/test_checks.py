@@ -95,6 +95,22 @@ def test_model_summary_without_loading_weights(tmp_path: Path, small_model: Path
     assert summary.weights.files == ["model.safetensors"]
 
 
+def test_a_tokenizer_without_the_answer_tokens_is_a_config_error(tmp_path: Path) -> None:
+    """A checkpoint whose tokenizer has no `<|startofpiece|>` loads (as upstream's does), but
+    no prompt can be answered without it: one line before the job starts, not an engine's
+    traceback."""
+    from tests.unit.glm.test_tokenizers import GLM_SPECIALS, write_gpt2_tokenizer
+
+    model = make_tiny_checkpoint(tmp_path / "model")
+    for name in ("cog-pretrain.model", "tokenizer_config.json", "added_tokens.json",
+                 "special_tokens_map.json"):
+        (model / name).unlink(missing_ok=True)
+    write_gpt2_tokenizer(model, specials={**GLM_SPECIALS,
+                                          "additional_special_tokens": ["[sMASK]"]})
+    with pytest.raises(ConfigError, match=r"model.path: .*'<\|startofpiece\|>' has no id"):
+        checks.check_model(job(tmp_path, model), print)
+
+
 def test_missing_model_path_on_a_local_cluster_fails_at_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
