@@ -3,24 +3,29 @@
 Every command is a module of this package with `add_parser(commands)`:
 * `fill` (fill.py) answers the blanks of texts, JSON lines on stdout (a stable contract);
 * `run` (run.py) runs a pipeline job from a YAML config (default: the embedded demo job);
-* `submit` (submit.py) sends that job to a Ray cluster's Jobs API and follows it.
+* `submit` (submit.py) sends that job to a Ray cluster's Jobs API and follows it;
+* `validate` (validate.py) checks a job config without starting an engine.
 
 Exit codes (every command): 0 success; 1 the data did not pass (a `fill` text that cannot be
 filled; a job above `output.max_error_rate`, or with an unreadable input file); 2 usage or
 config error; 3 infrastructure failure (storage, network, an engine that died), after retries;
-130 interrupted (Ctrl-C, SIGTERM).
+130 interrupted (Ctrl-C, SIGTERM); 141 the reader of the output went away
+(`glm-infill fill ... | head`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
+import sys
 from collections.abc import Sequence
 
 from pipeline.cli import fill, run, submit, validate
 from pipeline.cli.run import run_main
 
 __all__ = ["main", "run_main"]
+BROKEN_PIPE_EXIT = 141  # what a shell reports for a command ended by SIGPIPE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,4 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for command in (fill, run, submit, validate):
         command.add_parser(commands)
     args = parser.parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except BrokenPipeError:  # `glm-infill fill ... | head`: the reader left; not a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the final flush
+        return BROKEN_PIPE_EXIT

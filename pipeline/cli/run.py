@@ -60,7 +60,7 @@ def run_job(args: argparse.Namespace) -> int:
     except (ConfigError, SourceError, OutputError, StorageError) as err:
         print(f"{PREFIX} error: {err}", file=sys.stderr)
         output = job.config.output.path if job else None
-        result = JobResult("failed", 2, output, reason=str(err))
+        result = getattr(err, "result", None) or JobResult("failed", 2, output, reason=str(err))
     except (JobFailed, InfrastructureError, JobInterrupted) as err:
         what = {JobFailed: "failed", JobInterrupted: "interrupted",
                 InfrastructureError: "failed (infrastructure, nothing in flight was committed; "

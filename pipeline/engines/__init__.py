@@ -1,7 +1,8 @@
 """Engines that run GLM: the contract (`base`), the torch engine, and the vLLM engine (`vllm/`).
 
 `make_engine` builds either from the same arguments; the vLLM engine is imported only when
-asked for, so the torch path needs no vLLM.
+asked for, so the torch path needs no vLLM. An engine that cannot start raises
+`EngineStartError` (base.py), one line naming the cause.
 """
 
 from __future__ import annotations
@@ -9,7 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.engines.base import ENGINE_OPTIONS, EngineName, EngineOptions, InfillEngine
+from pipeline.engines.base import (
+    ENGINE_OPTIONS,
+    EngineConfigError,
+    EngineName,
+    EngineOptions,
+    InfillEngine,
+    one_line,
+)
 from pipeline.glm.checkpoint import DType
 
 
@@ -34,7 +42,13 @@ def make_engine(name: EngineName | str, model_dir: str | Path, dtype: DType | st
     if name is EngineName.TORCH:
         from pipeline.engines.torch_engine import TorchEngine
 
-        return TorchEngine(model_dir, DType(dtype), device, typed, record_logits)
+        try:
+            return TorchEngine(model_dir, DType(dtype), device, typed, record_logits)
+        except (AssertionError, RuntimeError) as err:
+            # torch refuses the device: no CUDA in this build, a name it does not know, too
+            # little memory on it
+            raise EngineConfigError(f"the torch engine did not start on device {device!r}: "
+                                    f"{one_line(err)}") from None
     from pipeline.engines.vllm.engine import VLLMEngine
 
     return VLLMEngine(model_dir, DType(dtype), device, typed, record_logits)

@@ -7,7 +7,9 @@ requests with the same `check_request`, so the same bad request gets the same er
 that fails validation becomes that row's error and never reaches the model.
 
 Engine options are typed per engine (`TorchOptions`, `VLLMOptions`); the job config, the CLI
-flags and `make_engine` all read them from `ENGINE_OPTIONS`.
+flags and `make_engine` all read them from `ENGINE_OPTIONS`. An engine that cannot start raises
+`EngineStartError` (`EngineConfigError` when a setting is what it refused), whose message is
+one line naming the cause.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from pipeline.glm.requests import (
     check_request,
 )
 from pipeline.glm.tokenization import GLMTokenizer
+from schemas.errors import ErrorType
+
+GiB = 2**30
 
 
 class EngineName(StrEnum):
@@ -49,13 +54,39 @@ class TorchOptions(EngineOptions):
 
 class VLLMOptions(EngineOptions):
     max_num_seqs: int = Field(64, ge=1, description="sequences vLLM schedules at once")
-    kv_cache_gb: float | None = Field(None, gt=0, description="KV cache size in GiB")
+    kv_cache_gb: float | None = Field(None, gt=0, description="KV cache size in GiB per rank "
+                                      "(CPU default: a tenth of the available memory, at most "
+                                      "4 GiB; GPU default: from gpu_memory_utilization)")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs (or CPU ranks) per engine")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1,
-                                          description="share of GPU memory vLLM may take")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory "
+                                          "vLLM may take (GPU only)")
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + answers "
                                       "(default: twice max_sequence_length)")
     attention_backend: str | None = Field(None, description="vLLM attention backend (CUDA)")
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        """`kv_cache_gb` in bytes, as vLLM takes it."""
+        return None if self.kv_cache_gb is None else int(self.kv_cache_gb * GiB)
+
+
+class EngineStartError(RuntimeError):
+    """The engine could not start; the message is one line naming the cause, so that a command
+    or a job can report it as is. Raised as such: the machine failed it (a device, a process that
+    died)."""
+
+
+class EngineConfigError(EngineStartError):
+    """The engine could not start with these settings (an option value, a dtype, a device, more
+    memory than the machine has): changing the configuration fixes it."""
+
+
+MAX_LINE = 500  # characters of an error reported in one line
+
+
+def one_line(err: BaseException) -> str:
+    """`Type: message` on one line, for an error that is reported in one line."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:MAX_LINE]
 
 
 ENGINE_OPTIONS: dict[EngineName, type[EngineOptions]] = {
@@ -65,6 +96,16 @@ ENGINE_OPTIONS: dict[EngineName, type[EngineOptions]] = {
 
 Params = SamplingParams | Sequence[SamplingParams]
 GREEDY = SamplingParams()
+
+
+def _require_unicode(text: str) -> None:
+    """Raise InfillError for text that is not valid Unicode (lone surrogates: bytes that were
+    not UTF-8 in a command-line argument, or a `\\ud800` JSON escape); tokenizers crash on it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InfillError(ErrorType.INVALID_TEXT, f"text is not valid Unicode ({err.reason} at "
+                          f"character {err.start})") from None
 
 
 def _per_text(params: Params, count: int) -> list[SamplingParams]:
@@ -121,7 +162,10 @@ class InfillEngine(abc.ABC):
         self.close()
 
     def _start(self, text: str, multi_mask: MultiMask, params: SamplingParams) -> Procedure:
-        return start_procedure(self.tokenizer, self.max_sequence_length, text, multi_mask, params)
+        """The text's procedure; invalid text fails at its first step, like any bad input."""
+        _require_unicode(text)
+        return (yield from start_procedure(self.tokenizer, self.max_sequence_length, text,
+                                           multi_mask, params))
 
     def fill(self, texts: Sequence[str], multi_mask: MultiMask = MultiMask.ITERATIVE,
              params: Params = GREEDY) -> list[FillResult]:

@@ -33,7 +33,7 @@ def connect(config: JobConfig) -> None:
     address = cluster_address(config)
     if address:
         try:
-            ray.init(address=address)
+            ray.init(address=address, log_to_driver=config.ray.log_to_driver)
         except (ConnectionError, RuntimeError) as err:
             hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
                 "; if it uses token authentication, set RAY_AUTH_MODE=token with the token in "
@@ -46,7 +46,8 @@ def connect(config: JobConfig) -> None:
     # every run (noise: nothing for the user to do). The mode cannot be set from here once
     # Ray is imported (its C++ side has read it), so the warning is filtered instead.
     logging.getLogger(AUTH_LOGGER).setLevel(logging.ERROR)
-    ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
+    ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False,
+             log_to_driver=config.ray.log_to_driver)
 
 
 def ray_job_working_dir() -> str | None:

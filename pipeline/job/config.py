@@ -189,6 +189,9 @@ class ResourcesConfig(_Section):
 class RayConfig(_Section):
     address: str | None = None  # None: the current cluster, else a new local one
     num_cpus: int | None = Field(None, ge=1)  # only for a new local cluster
+    # Workers' own output (engine logs, Ray's task-retry tracebacks) on the driver's terminal;
+    # off: the job reports failures itself in one line, the full logs stay in Ray's log files.
+    log_to_driver: bool = False
 
 
 class JobConfig(_Section):

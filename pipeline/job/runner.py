@@ -11,6 +11,8 @@ How a run ends (and the exit code `glm-infill run` gives it):
 * `failed` because of the data (1, `JobFailed`): the error rate is above
   `output.max_error_rate`, or a file could not be parsed or is damaged and
   `source.skip_unreadable_files` is off. Everything readable is committed first;
+* `failed` because the engines refused the settings at start (2, `EngineSettingsError`: a
+  device the machine lacks, a KV cache larger than memory);
 * `failed` because of the machinery (3, `InfrastructureError`): storage, network, a dead engine
   that Ray could not bring back, after the retries. Units in flight are not committed and the
   next run redoes them;
@@ -31,6 +33,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.engines.base import EngineConfigError
 from pipeline.job.checks import check_columns, check_model
 from pipeline.job.cluster import cluster_address, connect, ray_job_working_dir
 from pipeline.job.config import ConfigError, JobConfig, load_config, resolve_paths, validate
@@ -70,6 +73,14 @@ class InfrastructureError(RuntimeError):
     """A fault of the machinery that the retries did not overcome (exit 3)."""
 
     exit_code = 3
+    result: JobResult | None = None
+
+
+class EngineSettingsError(ConfigError):
+    """The engines could not start with these settings (exit 2, like any config mistake, but
+    found on the cluster: the manifest says failed)."""
+
+    exit_code = 2
     result: JobResult | None = None
 
 
@@ -229,7 +240,8 @@ class InfillJob:
                 run.save("failed", reason)
             except Exception as save_err:  # the output store itself may be what failed
                 self.log(f"could not write the manifest: {save_err}")
-            failure = InfrastructureError(reason)
+            settings = f"{EngineConfigError.__name__}:" in reason  # from the actor's traceback
+            failure = (EngineSettingsError if settings else InfrastructureError)(reason)
             failure.result = JobResult.from_manifest(manifest, failure.exit_code)
             raise failure from err
 

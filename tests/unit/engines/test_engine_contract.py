@@ -50,6 +50,8 @@ BAD_TEXTS = {  # what `fill` can meet in texts: (text, params, error code)
     "context-too-long": ("w " * 300 + "[MASK]", PARAMS, ErrorType.TOO_LONG),
     "answer-too-long": ("a [MASK] b", SamplingParams(max_new_tokens=MAX_LEN + 1),
                         ErrorType.TOO_LONG),
+    # a lone surrogate: a non-UTF-8 byte in a command-line argument (tokenizers crash on it)
+    "not-unicode": ("bad \udcff [MASK]", PARAMS, ErrorType.INVALID_TEXT),
 }
 TEXTS = ["Tsinghua University is located in [MASK] and was founded in 1911.",
          "The file is opened in [MASK] mode and [MASK] is returned to the caller.",

@@ -10,15 +10,25 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 
 from pipeline.engines import make_engine  # noqa: E402
-from pipeline.engines.base import VLLMOptions  # noqa: E402
+from pipeline.engines.base import (  # noqa: E402
+    EngineConfigError,
+    EngineStartError,
+    GiB,
+    VLLMOptions,
+)
 from pipeline.engines.torch_engine import TorchEngine  # noqa: E402
-from pipeline.engines.vllm.engine import VLLMEngine  # noqa: E402
+from pipeline.engines.vllm.engine import (  # noqa: E402
+    VLLMEngine,
+    default_cpu_kv_cache_bytes,
+    start_error,
+)
 from pipeline.glm.requests import InfillError, SamplingParams, SpanRequest  # noqa: E402
 from tests.fixtures import (  # noqa: E402
     FIXTURE_MODEL,
@@ -284,3 +294,61 @@ def test_cli_fill_with_vllm(slot: EngineSlot, shared_fixtures: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     [line] = done.stdout.splitlines()
     assert json.loads(line)["output_text"] == case["orig_sequential"]["filled_text"]
+
+
+# -- start-up: defaults that fit the machine, one-line failures --------------------------------
+
+def test_cpu_kv_cache_default() -> None:
+    assert default_cpu_kv_cache_bytes(20 * GiB) == 2 * GiB  # a tenth of the available memory
+    assert default_cpu_kv_cache_bytes(100 * GiB) == 4 * GiB  # at most 4 GiB a rank
+    assert default_cpu_kv_cache_bytes(20 * GiB, tensor_parallel_size=2) == 1 * GiB
+
+
+def test_starts_with_default_options(slot: EngineSlot, stopping_model: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """No kv_cache_gb, no VLLM_CPU_KVCACHE_SPACE: the default KV cache, not vLLM's
+    `gpu_memory_utilization` (0.9) of all the memory."""
+    slot.close()
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    most = default_cpu_kv_cache_bytes(psutil.virtual_memory().total)
+    with environment(VLLM_ENABLE_V1_MULTIPROCESSING="0"), VLLMEngine(stopping_model) as engine:
+        assert 0 < engine.kv_cache_bytes <= most
+        [result] = engine.fill(TEXTS[:1])
+    assert result.error_type is None and result.fills
+
+
+def test_start_error_names_the_cause() -> None:
+    """A multiprocess vLLM raises "see root cause above": the cause is the error its process
+    printed before that pointer. A rejected setting is a configuration error, other errors
+    are the machine's."""
+    worker = "(VllmWorker-0 pid=7) ERROR 11-29 18:20:42 [multiproc_executor.py:953] "
+    pointer = "Engine core initialization failed. See root cause above."
+    output = ["(EngineCore pid=6) INFO 11-29 18:20:40 [core.py:133] Initializing\n",
+              worker + "Traceback (most recent call last):\n",
+              worker + '  File "cpu_worker.py", line 83, in __init__\n',
+              worker + "ValueError: Available memory on node 0 (9.89/14.71 GiB) is less\n",
+              "Exception: WorkerProc initialization failed. See stack trace for root cause.\n",
+              f"RuntimeError: {pointer}\n"]
+    error = start_error(RuntimeError(pointer), output)
+    assert type(error) is EngineConfigError
+    assert str(error) == ("vLLM did not start: ValueError: Available memory on node 0 "
+                          "(9.89/14.71 GiB) is less")
+    machine = start_error(OSError("no such device:\n  /dev/x"), output)
+    assert type(machine) is EngineStartError
+    assert str(machine) == "vLLM did not start: OSError: no such device: /dev/x"
+
+
+def test_cli_start_failure_is_one_line(slot: EngineSlot, stopping_model: Path) -> None:
+    """A KV cache larger than the memory is refused before vLLM starts; one too small for a
+    single block fails in vLLM's engine core, a process of its own whose output names the
+    cause. Either way: one line, exit 2, no traceback."""
+    slot.close()
+    for kv_cache_gb, cause in (("100000", "is more than the"), ("0.0001", "ValueError: ")):
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "fill", "--engine", "vllm", "--model",
+             str(stopping_model), "--kv-cache-gb", kv_cache_gb, TEXTS[0]],
+            capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stdout == "", done.stderr[-2000:]
+        [line] = done.stderr.splitlines()
+        assert line.startswith("glm-infill fill: error: ") and cause in line, line
+        assert "root cause" not in line
