@@ -82,7 +82,7 @@ def connect(address: str) -> JobSubmissionClient:
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return JobSubmissionClient(address, headers=headers)
-    except (ConnectionError, RuntimeError, ValueError) as err:
+    except Exception as err:  # unreachable, refused, a wrong token: Ray raises several kinds
         cause = str(err).splitlines()[0] if str(err) else type(err).__name__
         hint = ("" if token else "; if the cluster uses token authentication, set "
                 "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")

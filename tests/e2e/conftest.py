@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 
@@ -80,3 +81,23 @@ def ray_cluster(ray_head: RayHead) -> Iterator[RayHead]:
 def ray_env(ray_head: RayHead) -> dict[str, str]:
     """The environment of a job driver run in a subprocess: it joins the shared head."""
     return {**os.environ, "RAY_ADDRESS": ray_head.gcs_address}
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenHead:
+    address: str  # the Jobs API
+    token: str
+
+
+@pytest.fixture(scope="session")
+def token_ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenHead]:
+    """A second head with token authentication (Ray 2.60's default for real clusters): the
+    token only in its environment and HOME a temporary folder, so nothing reads or writes
+    ~/.ray. This process stays a client with auth mode off: a test sends a token itself."""
+    token = "glm-infill-test-token-5f2c9e0b7d1a4c38"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        with local_ray_head(num_cpus=1, timeout_s=120, env={
+                "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+                "HOME": str(tmp_path_factory.mktemp("home"))}) as head:
+            yield TokenHead(head.address, token)

@@ -61,12 +61,16 @@ class RayHead:
     gcs_address: str  # host:port: `ray.init(address=...)` and RAY_ADDRESS for drivers
 
 
-def _wait_ready(url: str, head: subprocess.Popen, log: Path, timeout_s: float) -> None:
+def _wait_ready(url: str, head: subprocess.Popen, log: Path, timeout_s: float,
+                token: str | None) -> None:
+    """Until the Jobs API answers (with the head's token, if it has one)."""
     deadline = time.monotonic() + timeout_s
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     while time.monotonic() < deadline:
         if head.poll() is not None:
             raise RuntimeError(f"ray start exited {head.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as reply:
+        request = urllib.request.Request(url, headers=headers)
+        with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=2) as reply:
             if reply.status == 200:
                 return
         time.sleep(0.5)
@@ -111,7 +115,8 @@ def local_ray_head(num_cpus: int = 2, timeout_s: float = 120,
         head = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                 env=environment, start_new_session=True)
     try:
-        _wait_ready(head_info.address + "/api/jobs/", head, log, timeout_s)
+        _wait_ready(head_info.address + "/api/jobs/", head, log, timeout_s,
+                    environment.get("RAY_AUTH_TOKEN"))
         yield head_info
     finally:
         _stop(head)

@@ -15,7 +15,6 @@ import os
 import shlex
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,6 @@ from jobs.ray_submit import (
     wait_for_job,
 )
 from pipeline.job.result import RESULT_MARK, find_result
-from tests.e2e.ray_head import local_ray_head
 
 pytestmark = pytest.mark.timeout(300)  # per test; the head's start has its own 120 s limit
 
@@ -327,39 +325,15 @@ def test_a_config_error_fails_at_once(infill_dag, airflow_home, ray_connection, 
     assert summary["exit_code"] == 2 and "missing.yaml" in summary["reason"]
 
 
-TOKEN = "glm-infill-test-token-5f2c9e0b7d1a4c38"
-
-
-@pytest.fixture(scope="module")
-def token_ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A head with token auth: the token only in its environment, HOME a temporary folder, so
-    nothing reads or writes ~/.ray. The readiness probe of `local_ray_head` (urllib) sends the
-    token too. This process stays a client with auth mode off: it sends only the token of the
-    connection under test."""
-    opener = urllib.request.build_opener()
-    opener.addheaders = [("Authorization", f"Bearer {TOKEN}")]
-    urllib.request.install_opener(opener)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_AUTH_MODE", "disabled")
-        try:
-            with local_ray_head(num_cpus=1, timeout_s=120, env={
-                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
-                    "HOME": str(tmp_path_factory.mktemp("home"))}) as head:
-                urllib.request.install_opener(None)
-                yield head.address
-        finally:
-            urllib.request.install_opener(None)
-
-
 def test_the_connection_token_authenticates_and_a_refused_one_fails_at_once(
-        infill_dag, token_ray_address, fake_job, monkeypatch, capfd):
+        infill_dag, token_ray_head, fake_job, monkeypatch, capfd):
     """The connection's password is the token; a wrong token or a missing connection fails
     the task without retries (retries=2, one try)."""
     fake_job(job_with_result(0))
-    set_connection(monkeypatch, "ray_token_ok", token_ray_address, TOKEN)
+    set_connection(monkeypatch, "ray_token_ok", token_ray_head.address, token_ray_head.token)
     logical = dt.datetime(2026, 2, 5, tzinfo=dt.UTC)
     assert run_dag(infill_dag, logical, ray_conn_id="ray_token_ok").state == "success"
-    set_connection(monkeypatch, "ray_token_bad", token_ray_address, "not-the-token")
+    set_connection(monkeypatch, "ray_token_bad", token_ray_head.address, "not-the-token")
     capfd.readouterr()
     refused = run_dag(infill_dag, logical, retries=2, ray_conn_id="ray_token_bad")
     assert refused.state == "failed" and task_instance(refused).try_number == 1
@@ -367,7 +341,7 @@ def test_the_connection_token_authenticates_and_a_refused_one_fails_at_once(
     missing = run_dag(infill_dag, logical, retries=2, ray_conn_id="no_such_connection")
     assert missing.state == "failed" and task_instance(missing).try_number == 1
     assert "no_such_connection` isn't defined" in capfd.readouterr().out
-    token_client = make_client(token_ray_address, TOKEN)
+    token_client = make_client(token_ray_head.address, token_ray_head.token)
     base = base_submission_id("glm_infill", logical)
     assert jobs_under(token_client, base) == [base]
 

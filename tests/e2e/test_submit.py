@@ -18,14 +18,15 @@ import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipeline.job.result import find_result
+from tests.e2e.conftest import TokenHead
 from tests.e2e.ray_head import RayHead
 from tests.e2e.test_job import check_rows, read_output, write_corpus
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def glm_infill(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def glm_infill(*args: str, cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env_vars}
     return subprocess.run([str(Path(sys.executable).parent / "glm-infill"), *args], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=240)
 
@@ -88,3 +89,23 @@ def test_an_output_inside_a_ray_job_working_dir_is_refused(ray_head: RayHead,
     assert result is not None and result["exit_code"] == 2, log
     assert "inside this Ray job's copy of its working_dir" in result["reason"]
     assert "Traceback" not in log
+
+
+def test_submit_sends_the_clusters_token(token_ray_head: TokenHead, tmp_path: Path) -> None:
+    """Against a head with token authentication: the token where Ray keeps it (here
+    RAY_AUTH_TOKEN; ~/.ray/auth_token and RAY_AUTH_TOKEN_PATH likewise) is sent; a wrong one is
+    one line naming what to set, exit 2."""
+    home = tmp_path / "home"
+    home.mkdir()  # no ~/.ray/auth_token to fall back on
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": "a [MASK]"}) + "\n")
+    args = ("submit", "--no-wait", "--address", token_ray_head.address,
+            "--set", f"source.paths={tmp_path / 'in.jsonl'}", "--set", "source.id_column=null",
+            "--set", f"output.path={tmp_path / 'out'}")
+    accepted = glm_infill(*args, cwd=tmp_path, HOME=str(home),
+                          RAY_AUTH_TOKEN=token_ray_head.token)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert "submitted raysubmit_" in accepted.stdout
+    assert token_ray_head.token not in accepted.stdout + accepted.stderr
+    refused = glm_infill(*args, cwd=tmp_path, HOME=str(home), RAY_AUTH_TOKEN="wrong")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"cannot reach the Ray Jobs API at {token_ray_head.address}" in refused.stderr
