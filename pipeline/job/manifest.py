@@ -51,7 +51,6 @@ class RunManifest:
         self.unreadable: dict[str, str] = {}
         self.damaged: dict[str, str] = {}
         self.units_planned = 0
-        self.rows_expected = 0
         self.rows_this_run = 0
         self.tokens_this_run = 0
         self._saved = 0.0
@@ -122,14 +121,35 @@ class RunManifest:
         return manifest
 
 
+class RowEstimate:
+    """The rows a run expects: exact where Parquet footers tell; for JSONL its bytes divided by
+    the bytes per row of the byte ranges committed so far (a fixed guess until the first)."""
+
+    def __init__(self, rows_known: int, bytes_unknown: int, range_bytes: dict[str, int]):
+        self.rows_known = rows_known
+        self.bytes_unknown = bytes_unknown
+        self.range_bytes = range_bytes  # part name -> bytes of its JSONL byte range
+        self.bytes_seen = self.rows_seen = 0
+
+    def add(self, part: str, rows: int) -> None:
+        if part in self.range_bytes:
+            self.bytes_seen += self.range_bytes[part]
+            self.rows_seen += rows
+
+    @property
+    def rows(self) -> int:
+        per_row = self.bytes_seen / self.rows_seen if self.rows_seen else BYTES_PER_ROW
+        return max(self.rows_known + round(self.bytes_unknown / per_row), 1)
+
+
 class Progress:
     """Rows done of the rows expected: a live line on a terminal, a log line every
     `output.progress_interval_s` seconds otherwise (CI, `ray job logs`, Airflow)."""
 
-    def __init__(self, run: RunManifest, expected_rows: int, interval_s: float,
+    def __init__(self, run: RunManifest, estimate: RowEstimate, interval_s: float,
                  log: Callable[[str], None]):
         self.run = run
-        self.expected = max(expected_rows, 1)
+        self.estimate = estimate
         self.interval_s = interval_s
         self.log = log
         self.tty = sys.stderr.isatty()
@@ -145,6 +165,10 @@ class Progress:
         self._thread.join()
         if self.tty:
             print(file=sys.stderr)
+
+    @property
+    def expected(self) -> int:
+        return self.estimate.rows
 
     def line(self) -> str:
         run = self.run

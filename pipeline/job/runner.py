@@ -37,11 +37,11 @@ from pipeline.engines.base import EngineConfigError
 from pipeline.job.checks import check_columns, check_model
 from pipeline.job.cluster import cluster_address, connect, ray_job_working_dir
 from pipeline.job.config import ConfigError, JobConfig, load_config, resolve_paths, validate
-from pipeline.job.manifest import BYTES_PER_ROW, Progress, RunManifest
+from pipeline.job.manifest import Progress, RowEstimate, RunManifest
 from pipeline.job.plan import Plan, Unit, is_inside, list_files, plan_units
 from pipeline.job.result import JobResult
 from pipeline.job.retry import root_cause
-from pipeline.job.storage import OutputError, OutputStore
+from pipeline.job.storage import OutputError, OutputStore, SourceFormat
 from pipeline.job.write import unit_stats
 from schemas.output import (
     META_CONFIG_HASH,
@@ -304,10 +304,13 @@ class InfillJob:
 
     def _generate(self, run: RunManifest, plan: Plan) -> None:
         """Stream the units through Ray Data; the driver sees only the commit records."""
-        expected = plan.rows_known + plan.bytes_unknown // BYTES_PER_ROW
-        with Progress(run, expected, self.config.output.progress_interval_s, self.log):
+        estimate = RowEstimate(plan.rows_known, plan.bytes_unknown, {
+            u.part: u.stop - u.start for u in plan.units
+            if u.fmt is SourceFormat.JSONL and u.index is not None and u.stop is not None})
+        with Progress(run, estimate, self.config.output.progress_interval_s, self.log):
             for record in build_dataset(self.config, plan.units, run.hash).iter_rows():
                 record = {**record, "error_types": json.loads(record["error_types"])}
+                estimate.add(record["part"], record["rows"])
                 run.add_part(record, "committed")
 
     def _check_complete(self, run: RunManifest, store: OutputStore, plan: Plan) -> None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from pipeline.job.config import JobConfig
-from pipeline.job.manifest import Progress, RunManifest, summary
+from pipeline.job.manifest import BYTES_PER_ROW, Progress, RowEstimate, RunManifest, summary
 from pipeline.job.storage import MANIFEST, OutputStore
 
 
@@ -35,7 +35,20 @@ def test_totals_error_types_and_the_saved_manifest(tmp_path: Path) -> None:
     line = summary(saved)
     assert line.startswith("failed: 10 rows (6 ok, 4 errors") and "could not be read" in line
 
-    progress = Progress(run, expected_rows=24, interval_s=30, log=print)
+    progress = Progress(run, RowEstimate(24, 0, {}), interval_s=30, log=print)
     assert progress.bar(width=8) == "[##......]"
     assert progress.line().startswith("progress: 6/~24 rows (25%)")
     assert "ETA" in progress.line()
+
+
+def test_jsonl_rows_are_estimated_from_the_ranges_committed_so_far() -> None:
+    """Until a JSONL byte range is committed its rows are a guess from a fixed bytes-per-row;
+    then the bytes per row actually seen; Parquet rows stay exact."""
+    estimate = RowEstimate(100, 10_000, {"r0": 2_000, "r1": 2_000})
+    assert estimate.rows == 100 + round(10_000 / BYTES_PER_ROW)
+    estimate.add("p-parquet", 50)  # not a JSONL range: no evidence about bytes per row
+    assert estimate.rows == 100 + round(10_000 / BYTES_PER_ROW)
+    estimate.add("r0", 40)  # 50 bytes a row
+    assert estimate.rows == 100 + 200
+    estimate.add("r1", 10)  # 4,000 bytes for 50 rows: 80 a row
+    assert estimate.rows == 100 + 125
