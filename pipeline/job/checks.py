@@ -165,6 +165,33 @@ def _weights(root: Path, glm: GLMConfig) -> Weights:
     return Weights(names, size, len(found), parameters, sorted({dtype for _, dtype in used}))
 
 
+def check_engine_settings(config: JobConfig) -> None:
+    """Settings the engines would refuse when they start, checked cheaply (no engine) on this
+    machine, when it is the one the engines run on: a CUDA device torch cannot see, a vLLM
+    CPU KV cache larger than the memory available."""
+    import psutil
+
+    from pipeline.engines import engine_options
+    from pipeline.engines.base import GiB, VLLMOptions
+
+    model = config.model
+    if model.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("model.device: cuda, but torch finds no CUDA device on this "
+                              "node; set it to cpu, or leave it out (cuda when there is one)")
+    options = engine_options(model.engine, model.engine_options)
+    if isinstance(options, VLLMOptions) and model.device != "cuda" and options.kv_cache_bytes:
+        need = options.kv_cache_bytes * options.tensor_parallel_size
+        available = psutil.virtual_memory().available
+        if need > available:
+            raise ConfigError(f"model.engine_options.kv_cache_gb: a KV cache of "
+                              f"{need / GiB:.1f} GiB is more than the {available / GiB:.1f} GiB "
+                              "of memory available here; lower it (leave it out: a tenth of "
+                              "the memory, at most 4 GiB)")
+
+
 def inspect_model(config: JobConfig) -> ModelSummary:
     """Load what describes the model (config.json, tokenizer, weight headers) and check the
     token budget against it. Runs where model.path is (see `near_the_model`)."""
@@ -251,7 +278,10 @@ def near_the_model(config: JobConfig, log: Log, fn: Callable[..., T], *args: Any
 
 
 def check_model(config: JobConfig, log: Log) -> ModelSummary | None:
-    """model.path is a loadable GLM checkpoint and the token budget fits it (ConfigError)."""
+    """model.path is a loadable GLM checkpoint and the token budget fits it; on a local
+    cluster (this machine runs the engines) also the engine settings (ConfigError)."""
+    if _runs_locally(config):
+        check_engine_settings(config)
     return near_the_model(config, log, inspect_model, config)
 
 
