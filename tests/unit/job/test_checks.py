@@ -116,15 +116,14 @@ def test_a_tokenizer_without_the_answer_tokens_is_a_config_error(tmp_path: Path)
     ({"engine": "vllm", "engine_options": {"kv_cache_gb": 100000}},
      r"model.engine_options.kv_cache_gb: a KV cache of 100000.0 GiB is more than")])
 def test_engine_settings_this_machine_refuses(tmp_path: Path, small_model: Path,
-                                              monkeypatch: pytest.MonkeyPatch,
                                               settings: dict[str, Any], message: str) -> None:
-    """On a local cluster the engines run here: settings they would refuse at start (after
-    Ray's actor traceback) are one line before the job starts. (This machine has no GPU.)"""
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    """On a local cluster the engines run here (`check_model` then calls this): settings they
+    would refuse at start (after Ray's actor traceback) are one line before the job starts.
+    (This machine has no GPU.)"""
+    config = job(tmp_path, small_model)
+    config.model = config.model.model_validate({**config.model.model_dump(), **settings})
     with pytest.raises(ConfigError, match=message):
-        config = job(tmp_path, small_model)
-        config.model = config.model.model_validate({**config.model.model_dump(), **settings})
-        checks.check_model(config, print)
+        checks.check_engine_settings(config)
 
 
 def test_missing_model_path_on_a_local_cluster_fails_at_once(
