@@ -130,10 +130,14 @@ def test_missing_model_path_on_a_local_cluster_fails_at_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
+    def no_cluster(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a local check must not start Ray")
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whatever earlier tests left
+    monkeypatch.setattr(ray, "init", no_cluster)
     with pytest.raises(ConfigError, match=f"^model.path: {tmp_path}/nope does not exist; "):
         checks.check_model(job(tmp_path, tmp_path / "nope"), print)
-    assert not ray.is_initialized()
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -173,7 +177,9 @@ def test_missing_model_path_on_a_cluster_is_checked_there(
     import ray
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    ray.init(num_cpus=1, include_dashboard=False)
+    started = not ray.is_initialized()  # the e2e tests' cluster, when they ran before
+    if started:
+        ray.init(num_cpus=1, include_dashboard=False)
     try:
         start = time.monotonic()
         with pytest.raises(ConfigError, match=r"^model.path: /nonexistent/glm does not exist "
@@ -187,7 +193,8 @@ def test_missing_model_path_on_a_cluster_is_checked_there(
             checks.check_model(job(tmp_path, small_model, sampling={"max_new_tokens": 129}),
                                print)
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 # -- source columns -------------------------------------------------------------------------
