@@ -47,7 +47,7 @@ def cluster_address(conn: Connection) -> str:
 
 def ray_client(conn: Connection) -> JobSubmissionClient:
     """A Jobs API client for the connection's cluster, sending its password as the token."""
-    from jobs.ray_submit import make_client
+    from pipeline.job.cluster import make_client
 
     return make_client(cluster_address(conn), conn.password or None)
 

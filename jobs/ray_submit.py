@@ -43,12 +43,6 @@ class RayJobFailed(RuntimeError):
     """The Ray job ended FAILED or STOPPED; the message carries the tail of its logs."""
 
 
-def make_client(address: str, token: str | None = None) -> JobSubmissionClient:
-    """A Jobs API client; `token` is the cluster's auth token (Ray 2.60 enables token auth)."""
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    return JobSubmissionClient(address, headers=headers)
-
-
 def base_submission_id(dag_id: str, logical_date: dt.datetime | str) -> str:
     """The same id for every try of one scheduled run; safe in the Jobs API's URLs."""
     stamp = (logical_date.strftime("%Y%m%dT%H%M%S") if isinstance(logical_date, dt.datetime)

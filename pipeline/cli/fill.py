@@ -162,20 +162,10 @@ def _decoded(line: bytes) -> Text:
 
 
 def _json_text(line: bytes, field: str) -> Text:
-    from pipeline.job.rows import require_text
+    from pipeline.job.rows import parse_json_record, require_text
 
-    decoded = _decoded(line)
-    if isinstance(decoded, InfillError):
-        return decoded
     try:
-        record = json.loads(decoded)
-    except json.JSONDecodeError as err:
-        return InfillError(ErrorType.INVALID_JSON, f"the line is not JSON: {err}")
-    if not isinstance(record, dict):
-        return InfillError(ErrorType.INVALID_JSON,
-                           f"expected a JSON object, got {type(record).__name__}")
-    try:
-        return require_text(record, field)
+        return require_text(parse_json_record(line), field)
     except InfillError as err:
         return err
 

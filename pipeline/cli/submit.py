@@ -76,12 +76,11 @@ def auth_token() -> str | None:
 
 def connect(address: str) -> JobSubmissionClient:
     """A Jobs API client; an unreachable or refusing cluster is one line, not a traceback."""
-    from ray.job_submission import JobSubmissionClient
+    from pipeline.job.cluster import make_client
 
     token = auth_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return JobSubmissionClient(address, headers=headers)
+        return make_client(address, token)
     except Exception as err:  # unreachable, refused, a wrong token: Ray raises several kinds
         cause = str(err).splitlines()[0] if str(err) else type(err).__name__
         hint = ("" if token else "; if the cluster uses token authentication, set "

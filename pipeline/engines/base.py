@@ -81,6 +81,16 @@ class EngineConfigError(EngineStartError):
     memory than the machine has): changing the configuration fixes it."""
 
 
+def check_kv_cache_fits(per_rank: int, ranks: int, available: int) -> None:
+    """A CPU KV cache of `per_rank` bytes on each of `ranks` ranks that the `available` memory
+    cannot hold: refused (EngineConfigError) before vLLM spends a minute finding out."""
+    if per_rank * ranks > available:
+        each = f" ({per_rank / GiB:.1f} GiB on each of {ranks} ranks)" if ranks > 1 else ""
+        raise EngineConfigError(
+            f"a KV cache of {per_rank * ranks / GiB:.1f} GiB{each} is more than the "
+            f"{available / GiB:.1f} GiB of memory available; lower kv_cache_gb")
+
+
 MAX_LINE = 500  # characters of an error reported in one line
 
 

@@ -172,7 +172,7 @@ def check_engine_settings(config: JobConfig) -> None:
     import psutil
 
     from pipeline.engines import engine_options
-    from pipeline.engines.base import GiB, VLLMOptions
+    from pipeline.engines.base import EngineConfigError, VLLMOptions, check_kv_cache_fits
 
     model = config.model
     if model.device == "cuda":
@@ -183,13 +183,11 @@ def check_engine_settings(config: JobConfig) -> None:
                               "node; set it to cpu, or leave it out (cuda when there is one)")
     options = engine_options(model.engine, model.engine_options)
     if isinstance(options, VLLMOptions) and model.device != "cuda" and options.kv_cache_bytes:
-        need = options.kv_cache_bytes * options.tensor_parallel_size
-        available = psutil.virtual_memory().available
-        if need > available:
-            raise ConfigError(f"model.engine_options.kv_cache_gb: a KV cache of "
-                              f"{need / GiB:.1f} GiB is more than the {available / GiB:.1f} GiB "
-                              "of memory available here; lower it (leave it out: a tenth of "
-                              "the memory, at most 4 GiB)")
+        try:
+            check_kv_cache_fits(options.kv_cache_bytes, options.tensor_parallel_size,
+                                psutil.virtual_memory().available)
+        except EngineConfigError as err:
+            raise ConfigError(f"model.engine_options.kv_cache_gb: {err}") from None
 
 
 def inspect_model(config: JobConfig) -> ModelSummary:

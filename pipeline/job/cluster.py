@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from pipeline.job.config import ConfigError, JobConfig
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
@@ -57,3 +61,12 @@ def ray_job_working_dir() -> str | None:
     if (job_config.get("runtime_env") or {}).get("working_dir"):
         return os.getcwd()
     return None
+
+
+def make_client(address: str, token: str | None = None) -> JobSubmissionClient:
+    """A Jobs API client; `token` is the cluster's auth token (Ray 2.60 enables token auth),
+    sent as a bearer header."""
+    from ray.job_submission import JobSubmissionClient
+
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return JobSubmissionClient(address, headers=headers)

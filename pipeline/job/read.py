@@ -28,7 +28,7 @@ from pipeline.glm.requests import InfillError
 from pipeline.job.config import JobConfig, SourceConfig
 from pipeline.job.plan import Unit
 from pipeline.job.retry import retry_stream, with_retries
-from pipeline.job.rows import WORK_SCHEMA, require_text, to_block
+from pipeline.job.rows import WORK_SCHEMA, parse_json_record, require_text, to_block
 from pipeline.job.storage import SourceFormat, resolve
 from pipeline.job.write import write_empty_unit
 from schemas.errors import ErrorType
@@ -193,16 +193,9 @@ def json_row(rows: RowMaker, index: int, raw: bytes | None, max_line: int) -> di
     if not raw.strip():
         return None
     try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return rows.error(index, ErrorType.INVALID_UTF8, f"line {index + 1}: {err}")
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        return rows.error(index, ErrorType.INVALID_JSON, f"line {index + 1}: {err}")
-    if not isinstance(record, dict):
-        return rows.error(index, ErrorType.INVALID_JSON, f"line {index + 1}: expected a JSON "
-                          f"object, got {type(record).__name__}")
+        record = parse_json_record(raw)
+    except InfillError as err:
+        return rows.error(index, err.error_type, f"line {index + 1}: {err}")
     return rows.row(index, record)
 
 

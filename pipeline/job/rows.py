@@ -6,6 +6,7 @@ in only its own columns. A row that already carries an `error_type` passes throu
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,3 +55,20 @@ def require_text(record: dict[str, Any], column: str) -> str:
     if not text.strip():
         raise InfillError(ErrorType.EMPTY_TEXT, f"text column {column!r} is empty")
     return text
+
+
+def parse_json_record(raw: bytes) -> dict[str, Any]:
+    """One JSON Lines line as its record, or an InfillError saying why it is none (not
+    UTF-8, not JSON, not an object): the job's reader and `glm-infill fill` judge alike."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InfillError(ErrorType.INVALID_UTF8, f"the line is not UTF-8: {err}") from None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise InfillError(ErrorType.INVALID_JSON, f"the line is not JSON: {err}") from None
+    if not isinstance(record, dict):
+        raise InfillError(ErrorType.INVALID_JSON,
+                          f"expected a JSON object, got {type(record).__name__}")
+    return record

@@ -188,36 +188,33 @@ class InfillJob:
         A file that cannot be parsed, or a compressed one that ends in damage, fails it unless
         `source.skip_unreadable_files` (then its readable rows are the dataset's)."""
         config = self.config
-        cluster_address(config)
-        self._check_model()
-        files = list_files(config.source)
-        check_columns(config, files)
+        files = self._preflight()
         connect(config)
         plan = plan_units(files, config.source, set(), set())
         if plan.unreadable and not config.source.skip_unreadable_files:
             uri, why = next(iter(plan.unreadable.items()))
             raise JobFailed(f"{len(plan.unreadable)} input file(s) cannot be read (e.g. "
                             f"{uri}: {why})")
-        from pipeline.job.write import output_rows
+        return build_dataset(config, plan.units, config.config_hash(), commit=False)
 
-        config_hash = config.config_hash()
-        ds = build_stages(config, plan.units, config_hash, commit_empty=False)
-        return ds.map_batches(output_rows, fn_kwargs={"job": config.model_dump(mode="json"),
-                                                      "config_hash": config_hash},
-                              batch_size=None, batch_format="pyarrow", num_cpus=WRITE_CPUS)
+    def _preflight(self) -> list[str]:
+        """What must hold before anything starts (ConfigError otherwise); the input files."""
+        config = self.config
+        cluster_address(config)
+        self._check_model()
+        files = list_files(config.source)
+        check_columns(config, files)
+        return files
 
     def run(self) -> JobResult:
         """Run (or resume) the job on the current Ray cluster. A failure raises `JobFailed`,
         `InfrastructureError` or `JobInterrupted` with the failed run's `result` attached, a
         config mistake `ConfigError` (before anything is written)."""
         config = self.config
-        cluster_address(config)
-        self._check_model()
         self._check_paths()
+        files = self._preflight()
         config_hash = config.config_hash()
         store = OutputStore(config.output.path, config.source.storage)
-        files = list_files(config.source)
-        check_columns(config, files)
         committed = self._check_output(store, config_hash)
         run = RunManifest(config, store, files, self.log)
         try:
@@ -336,16 +333,19 @@ class InfillJob:
                                       "finish them")
 
 
-def build_stages(config: JobConfig, units: list[Unit], config_hash: str,
-                 commit_empty: bool = True) -> ray.data.Dataset:
-    """read -> prompts -> generate over the units: one unit is one block end to end (one read
-    task each, `batch_size=None` on every stage), so every call sees whole units."""
+def build_dataset(config: JobConfig, units: list[Unit], config_hash: str, commit: bool = True
+                  ) -> ray.data.Dataset:
+    """read -> prompts -> generate -> write over the units: one unit is one block end to end
+    (one read task each, `batch_size=None` on every stage), so every call sees whole units.
+    The batch job commits (parts written on the workers, the dataset's rows are the commit
+    records); without `commit` the last stage only turns the rows into the output schema."""
     import ray.data
 
     from pipeline.glm.demo import default_demo_dir
     from pipeline.job.generate import GenerateStage
     from pipeline.job.prompts import PromptStage
     from pipeline.job.read import UnitDatasource
+    from pipeline.job.write import output_rows, write_units
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # our own progress line (manifest.Progress) ...
@@ -355,12 +355,12 @@ def build_stages(config: JobConfig, units: list[Unit], config_hash: str,
     stage_args = {"config": job, "demo_dir": str(default_demo_dir())}
     res = config.resources
     low, high = res.actor_range
-    ds = ray.data.read_datasource(UnitDatasource(units, job, config_hash, commit_empty),
+    ds = ray.data.read_datasource(UnitDatasource(units, job, config_hash, commit),
                                   override_num_blocks=len(units), num_cpus=READ_CPUS)
     ds = ds.map_batches(PromptStage, fn_constructor_kwargs=stage_args, batch_size=None,
                         batch_format="pyarrow", num_cpus=PROMPT_CPUS,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=high))
-    return ds.map_batches(
+    ds = ds.map_batches(
         GenerateStage, fn_constructor_kwargs=stage_args, batch_size=None,
         batch_format="pyarrow", num_cpus=res.num_cpus_per_actor, num_gpus=res.num_gpus,
         # Two units per actor at a time: an async engine takes the next unit's rows while
@@ -368,16 +368,8 @@ def build_stages(config: JobConfig, units: list[Unit], config_hash: str,
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high,
                                            max_tasks_in_flight_per_actor=2,
                                            max_concurrent_calls_per_actor=2))
-
-
-def build_dataset(config: JobConfig, units: list[Unit], config_hash: str) -> ray.data.Dataset:
-    """The batch job: the stages, then the write stage (parts committed on the workers; the
-    dataset's rows are the commit records)."""
-    from pipeline.job.write import write_units
-
-    ds = build_stages(config, units, config_hash)
-    return ds.map_batches(write_units, fn_kwargs={"job": config.model_dump(mode="json"),
-                                                  "config_hash": config_hash},
+    return ds.map_batches(write_units if commit else output_rows,
+                          fn_kwargs={"job": job, "config_hash": config_hash},
                           batch_size=None, batch_format="pyarrow", num_cpus=WRITE_CPUS)
 
 

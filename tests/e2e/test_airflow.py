@@ -32,10 +32,10 @@ from jobs.ray_submit import (
     ensure_submitted,
     infill_entrypoint,
     latest_attempt,
-    make_client,
     run_job,
     wait_for_job,
 )
+from pipeline.job.cluster import make_client
 from pipeline.job.result import RESULT_MARK, find_result
 
 pytestmark = pytest.mark.timeout(300)  # per test; the head's start has its own 120 s limit

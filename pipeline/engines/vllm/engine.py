@@ -53,6 +53,7 @@ from pipeline.engines.base import (
     GiB,
     InfillEngine,
     VLLMOptions,
+    check_kv_cache_fits,
     one_line,
 )
 from pipeline.engines.vllm.plugin import derived_config, register
@@ -97,12 +98,7 @@ def _size_cpu_kv_cache(cache_config, options: VLLMOptions) -> None:
         cache_config.kv_cache_memory_bytes = options.kv_cache_bytes
     elif cache_config.kv_cache_memory_bytes is None:
         cache_config.kv_cache_memory_bytes = default_cpu_kv_cache_bytes(available, ranks)
-    per_rank = cache_config.kv_cache_memory_bytes
-    if per_rank * ranks > available:
-        each = f" ({per_rank / GiB:.1f} GiB on each of {ranks} ranks)" if ranks > 1 else ""
-        raise EngineConfigError(
-            f"a KV cache of {per_rank * ranks / GiB:.1f} GiB{each} is more than the "
-            f"{available / GiB:.1f} GiB of memory available; lower kv_cache_gb")
+    check_kv_cache_fits(cache_config.kv_cache_memory_bytes, ranks, available)
 
 
 def _last_exception(output: Sequence[str]) -> str | None:
