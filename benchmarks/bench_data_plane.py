@@ -34,7 +34,7 @@ from benchmarks.workload import BENCH_MODEL, bench_checkpoint
 from pipeline import InfillJob
 from pipeline.engines.base import TorchOptions
 from pipeline.engines.torch_engine import TorchEngine
-from pipeline.glm.demo import ensure_demo_checkpoint, write_demo_checkpoint
+from pipeline.glm.demo import demo_checkpoint, write_random_demo_checkpoint
 from pipeline.glm.requests import MultiMask, SamplingParams
 
 WORDS = ["the", "river", "city", "table", "file", "data", "mode", "value", "year", "model",
@@ -140,8 +140,8 @@ def memory(args: argparse.Namespace, root: Path) -> None:
 
 def tiny_model(root: Path) -> Path:
     """1 layer, hidden 128: the data plane's own costs show, not the model's."""
-    return write_demo_checkpoint(root / "tiny", num_layers=1, hidden_size=128,
-                                 num_attention_heads=2, max_sequence_length=128)
+    return write_random_demo_checkpoint(root / "tiny", num_layers=1, hidden_size=128,
+                                        num_attention_heads=2, max_sequence_length=128)
 
 
 def spread(args: argparse.Namespace, root: Path) -> None:
@@ -161,7 +161,7 @@ def spread(args: argparse.Namespace, root: Path) -> None:
 
 def overhead(args: argparse.Namespace, root: Path) -> None:
     models = {"glm-small (random)": bench_checkpoint(root / "glm-small"),
-              "demo": ensure_demo_checkpoint()}
+              "demo": demo_checkpoint()}
     rows = args.rows[0]
     source = write_jsonl(root / "rows.jsonl", rows)
     corpus = [json.loads(line)["text"] for line in source.read_text().splitlines()]

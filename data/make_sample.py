@@ -18,88 +18,46 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.glm.demo_world import chinese_story, english_story  # noqa: E402
+from pipeline.job.config import PromptConfig  # noqa: E402
+from pipeline.job.policies import POLICIES, Policy  # noqa: E402
+
 SEED = 20240601
 OUT = Path(__file__).resolve().parent / "sample"
+KINDS = ("[MASK]", "[sMASK]", "[gMASK]")
+KIND_POLICIES = {"[MASK]": Policy.SPAN, "[sMASK]": Policy.SENTENCE, "[gMASK]": Policy.SUFFIX}
 
-SUBJECTS = ["the old farmer", "a young engineer", "my neighbour", "the small cat", "our teacher",
-            "the tired runner", "a curious child", "the city council", "the ship captain",
-            "a quiet student", "the baker", "two musicians"]
-VERBS = ["repaired", "painted", "found", "carried", "described", "visited", "cleaned",
-         "measured", "photographed", "borrowed", "ordered", "planted"]
-OBJECTS = ["the wooden bridge", "a red bicycle", "the broken clock", "an old map",
-           "the garden wall", "a heavy box", "the village library", "a silver kettle",
-           "the long report", "a bag of apples", "the stone tower", "a paper kite"]
-PLACES = ["near the river", "before sunrise", "in the market square", "after the storm",
-          "on a cold morning", "behind the station", "during the festival", "at the harbour",
-          "in the quiet valley", "under the bright lamps"]
-ENDINGS = ["Everyone was surprised.", "It took the whole afternoon.", "Nobody had expected it.",
-           "The work was finally done.", "Later they told the story again.",
-           "It was raining the entire time.", "The neighbours came to watch.",
-           "Then everybody went home."]
-QUESTIONS = ["What is the capital of France?", "Who wrote the first dictionary?",
-             "How many legs does a spider have?", "Why is the sky blue?",
-             "What do bees make?", "Where does the river end?", "When does the train leave?",
-             "Which planet is the largest?"]
-ZH_SENTENCES = ["今天天气很好。", "我们去公园散步吧！", "老师在教室里讲故事。",
-                "小猫在窗台上睡觉。", "城市的晚上非常安静。", "他每天早上六点起床。",
-                "这本书很有意思。", "我们一起去吃饭吧。", "河边有很多人在钓鱼。", "明天会下雨吗？"]
+QUESTIONS = (["Where does {person} live?", "How many {item} does {person} have?"],
+             ["{person}住在哪里？", "{person}有几个{item}？"])
 
 
-def sentence(rng: random.Random) -> str:
-    words = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}"
-    return words[0].upper() + words[1:] + "."
-
-
-def paragraph(rng: random.Random, sentences: int) -> str:
-    return " ".join([sentence(rng) for _ in range(sentences - 1)] + [rng.choice(ENDINGS)])
-
-
-def with_mask(rng: random.Random, kind: str) -> str:
-    """A short English text holding one or two blanks of the given kind."""
-    if kind == "[gMASK]":
-        return paragraph(rng, rng.randint(1, 3)) + " [gMASK]"
-    if kind == "[sMASK]":
-        parts = [sentence(rng), "[sMASK]", rng.choice(ENDINGS)]
-        return " ".join(parts)
-    words = paragraph(rng, rng.randint(2, 3)).split()
-    half = len(words) // 2
-    # one blank, or two: one in each half of the text
-    spans = [(0, len(words))] if rng.random() < 0.5 else [(0, half), (half + 1, len(words))]
-    for start, end in spans:
-        position = rng.randrange(start, end)
-        words[position] = "[MASK]" + ("." if words[position].endswith(".") else "")
-    return " ".join(words)
-
-
-def zh_text(rng: random.Random, mask: str | None) -> str:
-    chosen = rng.sample(ZH_SENTENCES, 3)
-    if mask == "[gMASK]":
-        return "".join(chosen) + mask
-    if mask is not None:
-        i = rng.randrange(3)
-        chosen[i] = mask if mask == "[sMASK]" else chosen[i][:2] + mask + chosen[i][4:]
-    return "".join(chosen)
+def _masked(text: str, kind: str, row_key: str) -> tuple[str, list[str]]:
+    """The text with blanks of one kind, made by the pipeline's own masking policy."""
+    cfg = PromptConfig(policy=KIND_POLICIES[kind], seed=SEED)
+    return POLICIES[cfg.policy]({"text": text}, cfg, "text", row_key)
 
 
 def masked_rows(rng: random.Random, prefix: str, count: int) -> list[dict]:
-    """Rows for policy `as_is`: every third one Chinese, mask kinds in turn."""
+    """Rows for policy `as_is` with their answers: mask kinds in turn, every fourth Chinese."""
     rows = []
     for i in range(count):
-        kind = ("[MASK]", "[sMASK]", "[gMASK]")[i % 3]
         zh = i % 4 == 3
-        text = zh_text(rng, kind) if zh else with_mask(rng, kind)
-        rows.append({"id": f"{prefix}-{i:04d}", "text": text, "lang": "zh" if zh else "en"})
+        sentences = chinese_story(rng) if zh else english_story(rng)
+        row_id = f"{prefix}-{i:04d}"
+        text, target = _masked(("" if zh else " ").join(sentences), KINDS[i % 3], row_id)
+        rows.append({"id": row_id, "text": text, "target": target, "lang": "zh" if zh else "en"})
     return rows
 
 
 def bad_rows(rng: random.Random) -> list[dict]:
     """Rows every job must turn into error rows, never drop."""
-    long_text = " ".join(sentence(rng) for _ in range(200)) + " [gMASK]"
+    long_text = " ".join(" ".join(english_story(rng)) for _ in range(40)) + " [gMASK]"
     return [
         {"id": "bad-null", "text": None, "lang": "en"},
         {"id": "bad-empty", "text": "", "lang": "en"},
         {"id": "bad-number", "text": 12345, "lang": "en"},
-        {"id": "bad-no-mask", "text": "This sentence has no blank at all.", "lang": "en"},
+        {"id": "bad-no-mask", "text": " ".join(english_story(rng)), "lang": "en"},
         {"id": "bad-too-long", "text": long_text, "lang": "en"},
     ]
 
@@ -109,10 +67,16 @@ def plain_rows(rng: random.Random, count: int) -> list[dict]:
     rows = []
     for i in range(count):
         zh = i % 5 == 4
-        text = zh_text(rng, None) if zh else paragraph(rng, rng.randint(2, 4))
-        question = QUESTIONS[i % len(QUESTIONS)] if i % 3 == 0 else None
-        rows.append({"id": f"plain-{i:04d}", "text": text, "question": question,
-                     "lang": "zh" if zh else "en"})
+        sentences = chinese_story(rng) if zh else english_story(rng)
+        question = None
+        if i % 3 == 0:  # the person from the first sentence, the item from the second
+            if zh:
+                person, item = sentences[0].split("住在")[0], sentences[1].split("个")[-1][:-1]
+            else:
+                person, item = sentences[0].split(" lives in ")[0], sentences[1].split()[-1][:-1]
+            question = QUESTIONS[zh][i % 2].format(person=person, item=item)
+        rows.append({"id": f"plain-{i:04d}", "text": ("" if zh else " ").join(sentences),
+                     "question": question, "lang": "zh" if zh else "en"})
     rows += [{"id": "plain-bad-null", "text": None, "question": None, "lang": "en"},
              {"id": "plain-bad-empty", "text": "", "question": "Is this empty?", "lang": "en"}]
     return rows
@@ -124,8 +88,10 @@ def jsonl(rows: list[dict]) -> bytes:
 
 def broken_lines() -> bytes:
     """A JSONL file with a malformed line, a non-UTF-8 line and a non-object line."""
-    good = [{"id": "lines-ok-1", "text": "The river was [MASK] after the storm.", "lang": "en"},
-            {"id": "lines-ok-2", "text": "She opened the door and [MASK].", "lang": "en"}]
+    good = [{"id": "lines-ok-1", "text": "Ladu lives in Kiso. So Ladu from [MASK] had 3 pens.",
+             "target": ["Kiso"], "lang": "en"},
+            {"id": "lines-ok-2", "text": "3 plus 4 is [MASK] so Bo now has 7 cups.",
+             "target": ["7,"], "lang": "en"}]
     return b"".join([
         jsonl(good[:1]),
         b'{"id": "lines-malformed", "text": "an unterminated string\n',

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 FILL_TYPE = pa.struct([
     pa.field("mask", pa.string()),
@@ -25,7 +25,11 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("prompt_token_ids", pa.list_(pa.int32())),
     pa.field("fills", pa.list_(FILL_TYPE)),
     pa.field("output_text", pa.string()),
-    pa.field("target", pa.string()),
+    pa.field("target", pa.list_(pa.string())),
+    pa.field("blank_exact_match", pa.list_(pa.bool_())),
+    pa.field("blank_token_f1", pa.list_(pa.float64())),
+    pa.field("exact_match", pa.bool_()),
+    pa.field("token_f1", pa.float64()),
     pa.field("budget_action", pa.string()),
     pa.field("prompt_tokens", pa.int32()),
     pa.field("output_tokens", pa.int32()),

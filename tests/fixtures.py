@@ -7,6 +7,7 @@ built on it) and are skipped with a message when the folder is absent; collectio
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from pathlib import Path
 
@@ -39,6 +40,13 @@ def fixture_cases() -> list[dict]:
 
 def case_logits(case: dict, name: str) -> np.ndarray:
     return np.load(FIXTURE_CASES / case["name"] / f"{name}.npy")
+
+
+def spliced(text: str, answers: list[str]) -> str:
+    """What `output_text` must be, found independently of the code under test: each mask
+    token written in `text`, in order, replaced by the next answer."""
+    remaining = iter(answers)
+    return re.sub(r"\[[sg]?MASK\]", lambda _: next(remaining), text)
 
 
 TINY_SHAPE = dict(num_layers=2, hidden_size=128, num_attention_heads=2,  # head dim 64 (vLLM)
@@ -90,8 +98,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A demo-layout checkpoint smaller than the demo one, so jobs run fast on CPU."""
-    from pipeline.glm.demo import write_demo_checkpoint
+    from pipeline.glm.demo import write_random_demo_checkpoint
 
-    return write_demo_checkpoint(tmp_path_factory.mktemp("small-glm"), num_layers=1,
+    return write_random_demo_checkpoint(tmp_path_factory.mktemp("small-glm"), num_layers=1,
                                  hidden_size=128, num_attention_heads=2,
                                  max_sequence_length=128)

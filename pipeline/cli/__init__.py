@@ -4,7 +4,8 @@ Every command is a module of this package with `add_parser(commands)`:
 * `fill` (fill.py) answers the blanks of texts, JSON lines on stdout (a stable contract);
 * `run` (run.py) runs a pipeline job from a YAML config (default: the embedded demo job);
 * `submit` (submit.py) sends that job to a Ray cluster's Jobs API and follows it;
-* `validate` (validate.py) checks a job config without starting an engine.
+* `validate` (validate.py) checks a job config without starting an engine;
+* `report` (report.py) writes the HTML run report of a job's output.
 
 Exit codes (every command): 0 success; 1 the data did not pass (a `fill` text that cannot be
 filled; a job above `output.max_error_rate`, or with an unreadable input file); 2 usage or
@@ -21,7 +22,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pipeline.cli import fill, run, submit, validate
+from pipeline.cli import fill, report, run, submit, validate
 from pipeline.cli.run import run_main
 
 __all__ = ["main", "run_main"]
@@ -34,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version",
                         version=f"%(prog)s {importlib.metadata.version('glm-infill')}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for command in (fill, run, submit, validate):
+    for command in (fill, run, submit, validate, report):
         command.add_parser(commands)
     args = parser.parse_args(argv)
     try:

@@ -242,9 +242,10 @@ def _start_engine(args: argparse.Namespace, options: dict[str, Any]) -> InfillEn
 
     model = args.model
     if model is None:
-        from pipeline.glm.demo import ensure_demo_checkpoint
+        from pipeline.glm.demo import demo_checkpoint, demo_notice
 
-        model = ensure_demo_checkpoint()
+        print(f"glm-infill fill: {demo_notice()} (--model DIR)", file=sys.stderr)
+        model = demo_checkpoint()
     if not args.debug:  # vLLM's logs would bury the results' errors on stderr
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.job.config import JobConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +37,27 @@ def run_main(argv: list[str]) -> int:
     return run_job(parser.parse_args(argv))
 
 
+def show_examples(config: JobConfig, per_kind: int = 1) -> None:
+    """A few answers of the demo model, one per mask kind, so that the README's first command
+    shows what the job did and not only its figures."""
+    from pipeline.job.runner import PREFIX
+    from pipeline.job.storage import OutputStore
+
+    store = OutputStore(config.output.path, config.source.storage)
+    shown: dict[str, int] = {}
+    for name in sorted(store.part_names()):
+        table = store.read_part(name, ["id", "prompt", "fills", "exact_match"])
+        for row in table.to_pylist():
+            kind = row["fills"][0]["mask"] if row["fills"] else None
+            if kind is None or shown.get(kind, 0) >= per_kind:
+                continue
+            shown[kind] = shown.get(kind, 0) + 1
+            answers = " | ".join(fill["text"] for fill in row["fills"])
+            verdict = {True: "exact", False: "not exact", None: "not scored"}[row["exact_match"]]
+            print(f"{PREFIX} example {row['id']}: {row['prompt']}\n"
+                  f"{PREFIX}   -> {answers}  ({verdict})", flush=True)
+
+
 def run_job(args: argparse.Namespace) -> int:
     """Run the job; a human line on stderr for each failure, then (on every exit path) the
     machine-readable `[glm-infill] result {JSON}` line last on stdout: schedulers (Airflow,
@@ -56,7 +81,10 @@ def run_job(args: argparse.Namespace) -> int:
     try:
         job = InfillJob.from_yaml(args.config or default_config_path(), overrides)
         result = job.run()
-        print(f"{PREFIX} {summary(result.manifest)}", flush=True)
+        if job.config.model.path is None:
+            show_examples(job.config)
+        for line in summary(result.manifest).splitlines():
+            print(f"{PREFIX} {line}", flush=True)
     except (ConfigError, SourceError, OutputError, StorageError) as err:
         print(f"{PREFIX} error: {err}", file=sys.stderr)
         output = job.config.output.path if job else None

@@ -193,7 +193,7 @@ def _prompt_lines(report: Report, config: JobConfig) -> list[str]:
         lines += [f"  {sample.id}: {sample.prompt_tokens} tokens, {sample.budget_action}",
                   f"    {sample.prompt}"]
         if sample.target is not None:
-            lines.append(f"    target: {sample.target}")
+            lines.append(f"    target: {json.dumps(sample.target, ensure_ascii=False)}")
     return lines
 
 

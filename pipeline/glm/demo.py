@@ -1,59 +1,44 @@
-"""The demo checkpoint: a small GLM with seeded random weights, so a job runs out of the box.
+"""The demo checkpoint, and random checkpoints in its layout for tests and benchmarks.
 
-It answers with nonsense (random weights) but exercises every part of the pipeline with the
-real GLM layout and tokenizer. It is rebuilt bit-for-bit from the seed on any machine, which
-lets a worker that does not share the driver's disk create its own copy. The tokenizer files
-ship inside the package (`pipeline/glm/demo_tokenizer/`).
+The demo GLM (`pipeline/glm/demo_model/`) is a small GLM trained from scratch by
+`scripts/train_demo_model.py` on the synthetic world of `pipeline/glm/demo_world.py`: it fills
+blanks in short English and Chinese stories about made-up people and nothing else. It ships
+inside the package, so every Ray worker that imports `pipeline` has it. Its files are those of
+a hub glm-*-chinese directory (`config.json`, safetensors weights, `cog-pretrain.model`,
+`added_tokens.json`, tokenizer configs).
+
+Random checkpoints (`write_random_demo_checkpoint`) use the small tokenizer in
+`pipeline/glm/demo_tokenizer/`: tests and benchmarks build them in any shape.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 from pipeline.glm.checkpoint import GLMConfig, write_random_checkpoint
+from pipeline.glm.demo_world import KNOWS
 
-DEMO_NAME = "glm-infill-demo (random weights)"
-DEMO_SEED = 0
-DEMO_SHAPE = dict(num_layers=2, hidden_size=256, num_attention_heads=4,  # head dim 64 (vLLM)
-                  max_sequence_length=512, vocab_size=1024, output_predict=True)
-
-
-def default_demo_dir() -> Path:
-    """Where the demo checkpoint is cached: `$XDG_CACHE_HOME/glm-infill/demo` (~/.cache)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "glm-infill" / "demo"
+DEMO_NAME = "glm-infill-demo"
+RANDOM_SEED = 0
+RANDOM_SHAPE = dict(num_layers=2, hidden_size=256, num_attention_heads=4,  # head dim 64
+                    max_sequence_length=512, vocab_size=1024, output_predict=True)
 
 
-def write_demo_checkpoint(out_dir: Path, seed: int = DEMO_SEED, **shape: int) -> Path:
-    """Write the demo GLM (or a smaller variant for tests) into `out_dir`."""
-    config = GLMConfig(**{**DEMO_SHAPE, **shape})
+def demo_checkpoint() -> Path:
+    """The shipped demo checkpoint directory."""
+    return Path(str(resources.files("pipeline.glm") / "demo_model"))
+
+
+def demo_notice() -> str:
+    """One line for users who run without a model: what the demo knows about."""
+    return (f"using the demo GLM ({DEMO_NAME}, a few MB trained on a toy world: it only knows "
+            f"{KNOWS}); give a checkpoint directory to use a real GLM")
+
+
+def write_random_demo_checkpoint(out_dir: Path, seed: int = RANDOM_SEED, **shape: int) -> Path:
+    """A GLM with seeded random weights (bit-for-bit the same on any machine) and the small
+    test tokenizer, in the given shape (default: two layers of 256)."""
+    config = GLMConfig(**{**RANDOM_SHAPE, **shape})
     with resources.as_file(resources.files("pipeline.glm") / "demo_tokenizer") as tokenizer:
-        write_random_checkpoint(out_dir, config, tokenizer, seed)
-    raw = json.loads((out_dir / "config.json").read_text())
-    raw["_name_or_path"] = DEMO_NAME
-    (out_dir / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    return out_dir
-
-
-def ensure_demo_checkpoint(path: str | Path | None = None) -> Path:
-    """The demo checkpoint directory, created once (atomically, so racing workers are safe)."""
-    target = Path(path) if path is not None else default_demo_dir()
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
-    try:
-        write_demo_checkpoint(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first; its copy is identical
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        return write_random_checkpoint(out_dir, config, tokenizer, seed)

@@ -8,6 +8,10 @@ the same procedure runs on every engine.
   of its mask and the next round reads it as ordinary context.
 * `sequential`: THUDM/GLM `generate_samples.py`: one bidirectional pass over the context, then
   the blanks left to right, each span attending to all earlier spans.
+
+Both return `output_text` as the input text with each blank replaced by its answer
+(`splice_fills`): the user's own string, not a decoding of the ids, so nothing else of the text
+changes (no spaces added around Chinese, no normalised punctuation, no unknown-character marks).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pipeline.glm.requests import (
     SpanResult,
     check_fits,
 )
-from pipeline.glm.tokenization import GMASK, GLMTokenizer
+from pipeline.glm.tokenization import GLMTokenizer
 from schemas.errors import ErrorType
 
 
@@ -77,6 +81,23 @@ def _require_mask(tokenizer: GLMTokenizer, ids: list[int]) -> list[int]:
     return positions
 
 
+def replace_spans(text: str, spans: list[tuple[int, int]], replacements: list[str]) -> str:
+    """`text` with each (sorted, disjoint) [start, end) span replaced by its replacement."""
+    parts, cursor = [], 0
+    for (start, end), replacement in zip(spans, replacements, strict=True):
+        parts += [text[cursor:start], replacement]
+        cursor = end
+    parts.append(text[cursor:])
+    return "".join(parts)
+
+
+def splice_fills(tokenizer: GLMTokenizer, text: str, fills: list[Fill]) -> str:
+    """The k-th blank written in `text` replaced by the k-th fill's text, and nothing else
+    changed: whitespace the tokenizer strips next to a mask token stays, as does every
+    character the vocabulary lacks."""
+    return replace_spans(text, tokenizer.mask_spans(text), [fill.text for fill in fills])
+
+
 def _fill(tokenizer: GLMTokenizer, mask_id: int, span: list[int], reason: str) -> Fill:
     return Fill(tokenizer.mask_names[mask_id], tokenizer.decode(span), span, reason)
 
@@ -97,8 +118,7 @@ def iterative(tokenizer: GLMTokenizer, text: str, params: SamplingParams,
         ids = ids[:position] + span + ids[position + 1:]
         positions = mask_positions(tokenizer, ids[position + len(span):])
         positions = [position + len(span) + p for p in positions]
-    output = tokenizer.decode(ids[1:-1])  # without the [CLS] and eos the encoding added
-    return FillResult(text, prompt_ids, fills, output)
+    return FillResult(text, prompt_ids, fills, splice_fills(tokenizer, text, fills))
 
 
 def sequential(tokenizer: GLMTokenizer, text: str, params: SamplingParams,
@@ -111,11 +131,7 @@ def sequential(tokenizer: GLMTokenizer, text: str, params: SamplingParams,
     fills = [_fill(tokenizer, ids[p], span, reason)
              for p, span, reason in zip(positions, result.spans, result.finish_reasons,
                                         strict=True)]
-    spans = dict(zip(positions, result.spans, strict=True))
-    body_end = len(ids) if text.endswith(GMASK) else len(ids) - 1  # no [CLS], no eos
-    filled = [t for i in range(1, body_end) for t in spans.get(i, [ids[i]])]
-    output = tokenizer.decode(filled)
-    return FillResult(text, ids, fills, output)
+    return FillResult(text, ids, fills, splice_fills(tokenizer, text, fills))
 
 
 PROCEDURES: dict[MultiMask, Callable[..., Procedure]] = {

@@ -271,6 +271,13 @@ class GLMTokenizer:
                 ids.extend(self._encode_chunk(chunk))
         return ids
 
+    def mask_spans(self, text: str) -> list[tuple[int, int]]:
+        """The [start, end) character offsets of the blanks written in `text`: the k-th span
+        is the k-th mask id of `tokenize_ids(text)`, found by the same split, so that the text
+        and the ids always agree on where the blanks are."""
+        return [match.span() for match in self._split_pattern.finditer(text)
+                if self._text_token_id(match.group()) in self.mask_names]
+
     def encode(self, text: str) -> list[int]:
         """The hub encoding of one sequence: `[CLS] text <|endoftext|>` (BERT: `... [SEP]`)."""
         return [self.cls_id, *self.tokenize_ids(text), self.suffix_id]

@@ -52,6 +52,7 @@ HOW_TO_FIX = {
     "source.text_column": "set it to the column that holds the text",
     "source.id_column": "set it to an existing column, or null for ids from file and row",
     "source.keep_columns": "remove it there (it would be kept as an all-null column)",
+    "source.target_column": "set it to the column of the answers, or null to score nothing",
     "prompt.template": "name only existing columns in the template",
 }
 
@@ -193,9 +194,7 @@ def check_engine_settings(config: JobConfig) -> None:
 def inspect_model(config: JobConfig) -> ModelSummary:
     """Load what describes the model (config.json, tokenizer, weight headers) and check the
     token budget against it. Runs where model.path is (see `near_the_model`)."""
-    from pipeline.glm.demo import default_demo_dir
-
-    root = Path(model_dir(config.model, str(default_demo_dir())))
+    root = Path(model_dir(config.model))
     if not root.exists():
         node = node_id()
         where = "" if node == "local" else f" on Ray node {node}"
@@ -366,6 +365,7 @@ def _wanted_columns(config: JobConfig) -> dict[str, list[str]]:
     return {"source.text_column": [source.text_column],
             "source.id_column": [source.id_column] if source.id_column else [],
             "source.keep_columns": source.keep_columns,
+            "source.target_column": [source.target_column] if source.target_column else [],
             "prompt.template": sorted(template_columns(template)) if template else []}
 
 
@@ -459,7 +459,7 @@ class SamplePrompt:
     row_index: int
     prompt: str | None
     prompt_tokens: int | None  # None: no prompt was built
-    target: str | None
+    target: list[str] | None  # what the policy removed, one entry per blank
     budget_action: str | None
     error_type: str | None
     error_message: str | None
@@ -468,10 +468,9 @@ class SamplePrompt:
 def build_sample_prompts(config: JobConfig, rows: list[dict[str, Any]]) -> list[SamplePrompt]:
     """The rows through the prompt stage itself (`PromptStage`), with each prompt's tokens.
     Runs where model.path is (see `near_the_model`)."""
-    from pipeline.glm.demo import default_demo_dir
     from pipeline.job.prompts import PromptStage
 
-    stage = PromptStage(config.model_dump(mode="json"), str(default_demo_dir()))
+    stage = PromptStage(config.model_dump(mode="json"))
     built = stage(to_block(rows)).to_pylist()
     return [SamplePrompt(row["id"], row["row_index"], row["prompt"],
                          len(stage.tokenizer.encode(row["prompt"]))

@@ -54,6 +54,9 @@ class SourceConfig(_Section):
     text_column: str = "text"
     columns: list[str] | None = None
     keep_columns: list[str] = Field(default_factory=list)
+    target_column: str | None = Field(None, description="pre-masked rows (policies as_is, "
+                                      "template): their answers, a list of strings, so the "
+                                      "fills are scored")
     # work units (pipeline/job/plan.py): part of the hash, as they decide the part files
     unit_rows: int = Field(10_000, ge=1, description="Parquet: rows per unit (whole row "
                            "groups); compressed JSONL: lines per unit")
@@ -86,9 +89,12 @@ class SourceConfig(_Section):
     @model_validator(mode="after")
     def _kept_columns_are_read(self) -> SourceConfig:
         if self.columns is not None:
-            missing = [c for c in self.keep_columns if c not in self.columns]
-            if missing:
-                raise ValueError(f"keep_columns {missing} are not in columns {self.columns}")
+            named = {"keep_columns": self.keep_columns,
+                     "target_column": [self.target_column] if self.target_column else []}
+            for key, names in named.items():
+                missing = [c for c in names if c not in self.columns]
+                if missing:
+                    raise ValueError(f"{key} {missing} are not in columns {self.columns}")
         return self
 
 
@@ -219,6 +225,15 @@ class JobConfig(_Section):
             raw["sampling"] = {**sampling, "multi_mask": prompt["multi_mask"]}
         return raw
 
+    @model_validator(mode="after")
+    def _target_of_pre_masked_rows(self) -> JobConfig:
+        if self.source.target_column and self.prompt.policy not in (Policy.AS_IS,
+                                                                     Policy.TEMPLATE):
+            raise ValueError(f"source.target_column is for policies that remove nothing "
+                             f"(as_is, template); policy {self.prompt.policy.value!r} scores "
+                             "against what it removed: set source.target_column to null")
+        return self
+
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of everything that decides the output rows."""
         data = self.model_dump(mode="json", exclude=UNHASHED)
@@ -330,13 +345,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     return validate(resolve_paths(raw, os.getcwd()))
 
 
-def model_dir(model: ModelConfig, demo_dir: str) -> str:
-    """The checkpoint to load; the demo one is (re)built where the stage runs if missing."""
+def model_dir(model: ModelConfig) -> str:
+    """The checkpoint to load: `model.path`, or the demo one shipped in the package (every
+    worker that imports `pipeline` has it)."""
     if model.path is not None:
         return model.path
-    from pipeline.glm.demo import ensure_demo_checkpoint
+    from pipeline.glm.demo import demo_checkpoint
 
-    return str(ensure_demo_checkpoint(demo_dir))
+    return str(demo_checkpoint())
 
 
 def model_name(model: ModelConfig) -> str:

@@ -12,6 +12,9 @@ Ray restarts a dead actor and retries its calls, and a fault that persists fails
 Each row samples with its own seed, derived from `sampling.seed` and the row's identity (source
 file and row index): reproducible run to run, independent of batching and of the actor, and
 different rows sample independently. Without `sampling.seed` rows sample without a seed.
+
+A filled row whose policy removed text (`target`) is scored against it here (`scoring.py`):
+exact match and token F1 per blank and per row.
 """
 
 from __future__ import annotations
@@ -28,15 +31,16 @@ from pipeline.glm.procedures import FillResult
 from pipeline.glm.requests import SamplingParams
 from pipeline.job.config import JobConfig, model_dir
 from pipeline.job.rows import node_id, to_block
+from pipeline.job.scoring import score_columns
 
 
 class GenerateStage:
     """Fills the prompts of a block; a row's own problem becomes that row's error."""
 
-    def __init__(self, config: dict[str, Any], demo_dir: str):
+    def __init__(self, config: dict[str, Any]):
         job = JobConfig.model_validate(config)
         model = job.model
-        self.engine = make_engine(model.engine, model_dir(model, demo_dir), model.dtype,
+        self.engine = make_engine(model.engine, model_dir(model), model.dtype,
                                   model.device, model.engine_options)
         self.multi_mask = job.sampling.multi_mask
         self.params = job.sampling.params()
@@ -85,8 +89,11 @@ class GenerateStage:
 
 
 def _record_fill(row: dict[str, Any], result: FillResult) -> None:
+    """The row's engine columns, and its scores when the policy knows the answers."""
     fills = [dict(mask=f.mask, text=f.text, token_ids=f.token_ids,
                   finish_reason=f.finish_reason) for f in result.fills]
+    if result.error_type is None:
+        row.update(score_columns([f.text for f in result.fills], row["target"]))
     row.update(
         prompt_token_ids=result.prompt_token_ids,
         fills=fills,

@@ -1,9 +1,10 @@
 """Manifest: the record of a run (`_manifest.json`) and its progress report.
 
 The driver receives one small commit record per unit (pipeline/job/write.py) and keeps the
-totals; the manifest is rewritten at most every few seconds while the job runs and once at the
-end, with `status` `running`, `succeeded` or `failed` (and the `reason`). Resume never relies on
-it: the part files are the truth, the manifest is their summary.
+totals, the quality figures included (each part's score sums, added up by
+`scoring.quality_totals`); the manifest is rewritten at most every few seconds while the job
+runs and once at the end, with `status` `running`, `succeeded` or `failed` (and the `reason`).
+Resume never relies on it: the part files are the truth, the manifest is their summary.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.job.config import JobConfig
+from pipeline.job.scoring import ROWS, quality_totals
 from pipeline.job.storage import OutputStore
 from schemas.output import SCHEMA_VERSION
 
@@ -60,9 +62,10 @@ class RunManifest:
         """A part committed in this run (`committed`) or by an earlier one (`skipped`)."""
         with self._lock:
             entry = {k: record.get(k) for k in ("source_file", "unit", "last", *TOTALS,
-                                                "node", "generated_by")}
+                                                "node", "generated_by", "committed_at")}
             self.parts[record["part"]] = {**entry, "status": status,
-                                          "error_types": dict(record["error_types"])}
+                                          "error_types": dict(record["error_types"]),
+                                          "quality": dict(record.get("quality") or {})}
             if record.get("damage"):
                 self.damaged[record["source_file"]] = record["damage"]
             if status == "committed":
@@ -78,7 +81,8 @@ class RunManifest:
         errors: Counter = Counter()
         for part in parts:
             errors.update(part["error_types"])
-        return {**totals, "error_types": dict(sorted(errors.items()))}
+        return {**totals, "error_types": dict(sorted(errors.items())),
+                "quality": quality_totals(part["quality"] for part in parts)}
 
     def manifest(self, status: str, reason: str | None = None) -> dict[str, Any]:
         totals = self.totals()
@@ -100,6 +104,7 @@ class RunManifest:
             "error_types": totals["error_types"],
             "prompt_tokens": totals["prompt_tokens"],
             "output_tokens": totals["output_tokens"],
+            "quality": totals["quality"],
             "this_run": {
                 "rows": self.rows_this_run,
                 "rows_per_s": round(self.rows_this_run / max(wall, 1e-9), 3),
@@ -195,8 +200,21 @@ class Progress:
                 self.log(self.line())
 
 
+def _quality_figure(kind: str, entry: dict[str, Any]) -> str:
+    count, unit = (entry["scored"], "row") if kind == ROWS else (entry["blanks"], "blank")
+    counted = f"{count} {unit}" + ("" if count == 1 else "s")
+    return (f"{kind} {100 * entry['exact_match']:.1f}% exact, F1 {entry['token_f1']:.2f} "
+            f"({counted})")
+
+
+def _quality_line(quality: dict[str, dict[str, Any]]) -> str:
+    """`quality: [MASK] 92.0% exact, F1 0.95 (50 blanks); ...; rows 80.0% exact, ...`."""
+    return "quality: " + "; ".join(_quality_figure(k, e) for k, e in quality.items())
+
+
 def summary(manifest: dict[str, Any]) -> str:
-    """The one-line result a terminal or CI log shows at the end of a run."""
+    """The result a terminal or CI log shows at the end of a run: one line, and a second with
+    the quality figures when fills were scored."""
     this_run = manifest["this_run"]
     text = (f"{manifest['status']}: {manifest['rows_in']} rows ({manifest['rows_ok']} ok, "
             f"{manifest['rows_error']} errors, error rate {manifest['error_rate']:.3f}) in "
@@ -206,4 +224,6 @@ def summary(manifest: dict[str, Any]) -> str:
             f"out; config {manifest['config_hash'][:12]}; output {manifest['output']}")
     if manifest.get("reason"):
         text += f"; {manifest['reason']}"
+    if manifest.get("quality"):
+        text += "\n" + _quality_line(manifest["quality"])
     return text

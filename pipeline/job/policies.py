@@ -12,8 +12,8 @@ Words are runs of non-space characters, and every CJK character is a word of its
 Chinese text without spaces can be masked and truncated too. Masked text is replaced in place;
 everything else in the text is kept byte for byte.
 
-`target` is what a policy removed, so fills can be scored: a JSON array of strings, one per
-mask in prompt order (`json.loads(target)[i]` pairs with the i-th fill); null for `as_is` and
+`target` is what a policy removed, so fills can be scored (`scoring.py`): a list of strings, one
+per mask in prompt order (`target[i]` pairs with the i-th fill); None for `as_is` and
 `template`, which remove nothing.
 
 Randomness comes from `random.Random` seeded with a SHA-256 of `(prompt.seed, row_key)`,
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import random
 import re
@@ -44,9 +43,10 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
+from pipeline.glm.procedures import replace_spans
 from pipeline.glm.requests import InfillError
 from pipeline.glm.tokenization import GMASK, MASK, SMASK, GLMTokenizer
-from pipeline.job.rows import require_text
+from pipeline.job.rows import read_target, require_text
 from schemas.errors import ErrorType
 
 
@@ -59,7 +59,9 @@ class Policy(StrEnum):
 
 
 _CJK = "\u2e80-\u2fff\u3000-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
-_WORD = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
+# Word units: runs of non-space characters, every CJK character a word of its own (also the
+# tokens of token F1, scoring.py).
+WORD = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
 # A sentence runs to . ! ? followed by a space or the end, to 。！？, or to the end of the text.
 _SENTENCE = re.compile(r"\S.*?(?:[.!?]+(?=\s|$)|[。！？]+|$)", re.S)
 
@@ -69,7 +71,7 @@ Span = tuple[int, int]  # [start, end) character offsets
 @dataclasses.dataclass(frozen=True)
 class PromptResult:
     text: str | None  # the prompt; on error, as far as it was built (None before a policy ran)
-    target: str | None  # JSON array of removed strings, one per mask, or None
+    target: list[str] | None  # the removed strings, one per mask, or None
     budget_action: str  # 'fits' | 'truncated' | 'error'
     error_type: str | None = None
     error_message: str | None = None
@@ -77,7 +79,7 @@ class PromptResult:
 
 # -- helpers ---------------------------------------------------------------------------
 def _words(text: str) -> list[Span]:
-    return [m.span() for m in _WORD.finditer(text)]
+    return [m.span() for m in WORD.finditer(text)]
 
 
 def _rng(seed: int, row_key: str) -> random.Random:
@@ -106,13 +108,8 @@ def _choose(rng: random.Random, n: int, k: int) -> list[int]:
 
 def _replace(text: str, spans: list[Span], mask: str) -> tuple[str, list[str]]:
     """Put `mask` in place of each (sorted, disjoint) span; return the prompt and the removed."""
-    parts, removed, cursor = [], [], 0
-    for start, end in spans:
-        parts += [text[cursor:start], mask]
-        removed.append(text[start:end])
-        cursor = end
-    parts.append(text[cursor:])
-    return "".join(parts), removed
+    return (replace_spans(text, spans, [mask] * len(spans)),
+            [text[start:end] for start, end in spans])
 
 
 def _too_short(policy: str, need: str) -> InfillError:
@@ -176,15 +173,16 @@ def _sentence(row: dict, cfg: Any, text_column: str, row_key: str) -> tuple[str,
 
 
 def _suffix(row: dict, cfg: Any, text_column: str, row_key: str) -> tuple[str, Removed]:
-    """Keep the first keep_ratio of the words, the rest becomes the [gMASK] target."""
+    """Keep the first keep_ratio of the words, the rest becomes the [gMASK] target. The text
+    up to the first removed word is kept as it is, with its own whitespace (none between
+    Chinese characters), so the spliced answer restores the text."""
     text = require_text(row, text_column)
     words = _words(text)
     keep = min(max(cfg.suffix.min_keep_words, round(cfg.suffix.keep_ratio * len(words))),
                len(words) - 1)
     if keep < cfg.suffix.min_keep_words:
         raise _too_short("suffix", f"more than {cfg.suffix.min_keep_words} word(s)")
-    prefix = text[:words[keep - 1][1]] + " " if keep else ""
-    return prefix + GMASK, [text[words[keep][0]:].rstrip()]
+    return text[:words[keep][0]] + GMASK, [text[words[keep][0]:].rstrip()]
 
 
 POLICIES: dict[Policy, Callable[[dict, Any, str, str], tuple[str, Removed]]] = {
@@ -206,8 +204,7 @@ def _token_count(tokenizer: GLMTokenizer, text: str) -> int:
 
 
 def _mask_spans(tokenizer: GLMTokenizer, text: str) -> list[Span]:
-    pattern = "|".join(map(re.escape, tokenizer.task_masks))
-    spans = [m.span() for m in re.finditer(pattern, text)]
+    spans = tokenizer.mask_spans(text)
     if not spans:
         raise InfillError(ErrorType.NO_MASK, "prompt has no mask token this tokenizer knows "
                           f"({', '.join(tokenizer.task_masks)})")
@@ -254,8 +251,10 @@ def _fit(tokenizer: GLMTokenizer, text: str, limit: int, on_overflow: str) -> tu
 
 
 def build_prompt(row: dict, prompt_cfg: Any, tokenizer: GLMTokenizer, max_sequence_length: int,
-                 text_column: str = "text", row_key: str = "") -> PromptResult:
-    """One row's prompt under `prompt_cfg` (duck-typed `PromptConfig`); errors become results."""
+                 text_column: str = "text", row_key: str = "",
+                 target_column: str | None = None) -> PromptResult:
+    """One row's prompt under `prompt_cfg` (duck-typed `PromptConfig`); errors become results.
+    The target is what the policy removed, else the row's `target_column`."""
     policy = POLICIES.get(prompt_cfg.policy)
     if policy is None:
         raise ValueError(f"prompt.policy must be one of {', '.join(POLICIES)}, "
@@ -265,9 +264,10 @@ def build_prompt(row: dict, prompt_cfg: Any, tokenizer: GLMTokenizer, max_sequen
     text = None
     try:
         text, removed = policy(row, prompt_cfg, text_column, row_key)
+        if removed is None and target_column is not None:
+            removed = read_target(row, target_column)
         _mask_spans(tokenizer, text)
         text, action = _fit(tokenizer, text, limit, budget.on_overflow)
     except InfillError as err:
         return PromptResult(text, None, "error", err.error_type, str(err))
-    target = None if removed is None else json.dumps(removed, ensure_ascii=False)
-    return PromptResult(text, target, action)
+    return PromptResult(text, removed, action)

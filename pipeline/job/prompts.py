@@ -22,11 +22,12 @@ class PromptStage:
     `prompt_error`, because Ray Data fails the whole job on one exception in a stage.
     """
 
-    def __init__(self, config: dict[str, Any], demo_dir: str):
+    def __init__(self, config: dict[str, Any]):
         job = JobConfig.model_validate(config)
-        path = model_dir(job.model, demo_dir)
+        path = model_dir(job.model)
         self.prompt = job.prompt
         self.text_column = job.source.text_column
+        self.target_column = job.source.target_column
         self.tokenizer = load_tokenizer(path)
         self.max_sequence_length = load_config(path).max_sequence_length
 
@@ -40,7 +41,8 @@ class PromptStage:
     def _build(self, row: dict[str, Any]) -> None:
         try:
             result = build_prompt(json.loads(row["record"]), self.prompt, self.tokenizer,
-                                  self.max_sequence_length, self.text_column, row["id"])
+                                  self.max_sequence_length, self.text_column, row["id"],
+                                  self.target_column)
         except Exception as err:  # a policy bug must not take the block down
             row.update(error_type=ErrorType.PROMPT_ERROR,
                        error_message=f"{type(err).__name__}: {err}")

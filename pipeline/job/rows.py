@@ -57,6 +57,22 @@ def require_text(record: dict[str, Any], column: str) -> str:
     return text
 
 
+def read_target(record: dict[str, Any], column: str) -> list[str] | None:
+    """The answers a pre-masked row brings along (`source.target_column`): a list of strings,
+    or such a list as JSON text (a string column); null means none. Anything else is the
+    row's own error."""
+    value = record.get(column)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = ...
+    if value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise InfillError(ErrorType.WRONG_TYPE, f"target column {column!r} must hold a list of "
+                      f"strings (one answer per blank), got {record.get(column)!r:.80}")
+
+
 def parse_json_record(raw: bytes) -> dict[str, Any]:
     """One JSON Lines line as its record, or an InfillError saying why it is none (not
     UTF-8, not JSON, not an object): the job's reader and `glm-infill fill` judge alike."""

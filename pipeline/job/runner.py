@@ -41,14 +41,17 @@ from pipeline.job.manifest import Progress, RowEstimate, RunManifest
 from pipeline.job.plan import Plan, Unit, is_inside, list_files, plan_units
 from pipeline.job.result import JobResult
 from pipeline.job.retry import root_cause
+from pipeline.job.scoring import QUALITY_COLUMNS
 from pipeline.job.storage import OutputError, OutputStore, SourceFormat
 from pipeline.job.write import unit_stats
 from schemas.output import (
     META_CONFIG_HASH,
     META_DAMAGE,
     META_LAST_UNIT,
+    META_SCHEMA_VERSION,
     META_SOURCE_FILE,
     META_UNIT,
+    SCHEMA_VERSION,
 )
 
 if TYPE_CHECKING:
@@ -112,6 +115,16 @@ def _log(message: str) -> None:
     print(f"{PREFIX} {message}", file=sys.stderr, flush=True)
 
 
+def _check_schema_version(where: str, metadata: dict[bytes, bytes]) -> None:
+    """A part of another output schema cannot be resumed: its columns (and the scores the
+    manifest totals) are not this version's."""
+    found = metadata.get(META_SCHEMA_VERSION, b"").decode()
+    if found != SCHEMA_VERSION:
+        raise OutputError(f"{where} has output schema version {found or 'unknown'}, this "
+                          f"version writes {SCHEMA_VERSION}; set output.overwrite: true "
+                          "(--overwrite) or choose another output.path")
+
+
 class InfillJob:
     """One infill job: a validated config and the means to run it on Ray."""
 
@@ -172,6 +185,7 @@ class InfillJob:
             found = (meta.metadata or {}).get(META_CONFIG_HASH, b"").decode()
             if found != config_hash:
                 raise refuse(f"{store.uri}/{name}", found)
+            _check_schema_version(f"{store.uri}/{name}", meta.metadata or {})
         store.clear_tmp()
         return committed
 
@@ -216,7 +230,17 @@ class InfillJob:
         config_hash = config.config_hash()
         store = OutputStore(config.output.path, config.source.storage)
         committed = self._check_output(store, config_hash)
+        if config.model.path is None:
+            from pipeline.glm.demo import demo_notice
+
+            self.log(f"{demo_notice()} (model.path)")
         run = RunManifest(config, store, files, self.log)
+        with self._report_at_end(store, run):
+            return self._run_recorded(run, store, files, committed)
+
+    def _run_recorded(self, run: RunManifest, store: OutputStore, files: list[str],
+                      committed: dict[str, Any]) -> JobResult:
+        """`_run`, with the manifest saved as failed on every failure path."""
         try:
             with _sigterm_interrupts():
                 return JobResult.from_manifest(self._run(run, store, files, committed), 0)
@@ -241,6 +265,26 @@ class InfillJob:
             failure = (EngineSettingsError if settings else InfrastructureError)(reason)
             failure.result = JobResult.from_manifest(manifest, failure.exit_code)
             raise failure from err
+
+    @contextlib.contextmanager
+    def _report_at_end(self, store: OutputStore, run: RunManifest) -> Iterator[None]:
+        """The run report beside the manifest once a run that has parts ends, succeeded or
+        failed (not interrupted: a stop must be quick). A report that cannot be made is one
+        warning, never the job's failure."""
+        interrupted = False
+        try:
+            yield
+        except JobInterrupted:
+            interrupted = True
+            raise
+        finally:
+            if run.parts and not interrupted:
+                try:
+                    from pipeline.report import write_report
+
+                    write_report(store)
+                except Exception as err:
+                    self.log(f"warning: the run report could not be written: {err}")
 
     def _run(self, run: RunManifest, store: OutputStore, files: list[str],
              committed: dict[str, Any]) -> dict[str, Any]:
@@ -288,7 +332,7 @@ class InfillJob:
             source = info.get(META_SOURCE_FILE, b"").decode()
             unit = int(info.get(META_UNIT, b"0"))
             stats = unit_stats(store.read_part(name, ["error_type", "prompt_tokens",
-                                                      "output_tokens"]))
+                                                      "output_tokens", *QUALITY_COLUMNS]))
             last = info.get(META_LAST_UNIT) == b"true"
             run.add_part({"part": name, "source_file": source, "unit": unit, "last": last,
                           "damage": info.get(META_DAMAGE, b"").decode() or None, **stats},
@@ -306,7 +350,8 @@ class InfillJob:
             if u.fmt is SourceFormat.JSONL and u.index is not None and u.stop is not None})
         with Progress(run, estimate, self.config.output.progress_interval_s, self.log):
             for record in build_dataset(self.config, plan.units, run.hash).iter_rows():
-                record = {**record, "error_types": json.loads(record["error_types"])}
+                record = {**record, "error_types": json.loads(record["error_types"]),
+                          "quality": json.loads(record["quality"])}
                 estimate.add(record["part"], record["rows"])
                 run.add_part(record, "committed")
 
@@ -341,7 +386,6 @@ def build_dataset(config: JobConfig, units: list[Unit], config_hash: str, commit
     records); without `commit` the last stage only turns the rows into the output schema."""
     import ray.data
 
-    from pipeline.glm.demo import default_demo_dir
     from pipeline.job.generate import GenerateStage
     from pipeline.job.prompts import PromptStage
     from pipeline.job.read import UnitDatasource
@@ -352,7 +396,7 @@ def build_dataset(config: JobConfig, units: list[Unit], config_hash: str, commit
     logging.getLogger(PROGRESS_LOGGER).setLevel(logging.ERROR)  # ... and no note about it
     context.target_max_block_size = max(context.target_max_block_size or 0, MAX_UNIT_BLOCK)
     job = config.model_dump(mode="json")
-    stage_args = {"config": job, "demo_dir": str(default_demo_dir())}
+    stage_args = {"config": job}
     res = config.resources
     low, high = res.actor_range
     ds = ray.data.read_datasource(UnitDatasource(units, job, config_hash, commit),

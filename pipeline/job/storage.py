@@ -13,7 +13,7 @@ import os
 import posixpath
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from typing import Any
 
@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 MANIFEST = "_manifest.json"
+REPORT = "_report.html"  # `_`: readers of the parts skip it, as they skip the manifest
 TMP_DIR = "_tmp"
 PART_RE = re.compile(r"^part-[0-9a-f]{16}-.*\.parquet$")
 
@@ -156,23 +157,33 @@ class OutputStore:
         with self.fs.open_input_file(self._path(name)) as handle:
             return pq.read_table(handle, columns=columns)
 
+    def iter_part(self, name: str, columns: list[str], batch_rows: int
+                  ) -> Iterator[pa.RecordBatch]:
+        """A committed part in batches of some columns (nested paths such as
+        `fills.list.element.mask` read one field of a struct): memory bounded by the batch."""
+        with self.fs.open_input_file(self._path(name)) as handle:
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows,
+                                                           columns=columns)
+
     def clear(self) -> None:
         """Remove everything a previous run wrote (output.overwrite)."""
         for name in self.part_names():
             self.fs.delete_file(self._path(name))
         self.clear_tmp()
-        if self.fs.get_file_info(self._path(MANIFEST)).type == pafs.FileType.File:
-            self.fs.delete_file(self._path(MANIFEST))
+        for name in (MANIFEST, REPORT):
+            if self.fs.get_file_info(self._path(name)).type == pafs.FileType.File:
+                self.fs.delete_file(self._path(name))
 
     def clear_tmp(self) -> None:
         if self.fs.get_file_info(self._path(TMP_DIR)).type == pafs.FileType.Directory:
             self.fs.delete_dir(self._path(TMP_DIR))
 
-    def _publish(self, name: str, write: Callable[[Any], None]) -> None:
-        """Write to a unique temporary name, then move it to `name` in one step."""
-        tmp = self._path(TMP_DIR, f"{name}.{uuid.uuid4().hex}")
-        if isinstance(self.fs, pafs.LocalFileSystem):  # object stores need no directories
-            self.fs.create_dir(self._path(TMP_DIR), recursive=True)
+    def _publish(self, name: str, write: Callable[[Any], None], tmp_dir: str = TMP_DIR) -> None:
+        """Write to a unique temporary name under `tmp_dir`, then move it to `name` in one
+        step."""
+        tmp = self._path(tmp_dir, f"{name}.{uuid.uuid4().hex}")
+        if tmp_dir and isinstance(self.fs, pafs.LocalFileSystem):  # object stores: no dirs
+            self.fs.create_dir(self._path(tmp_dir), recursive=True)
         with self.fs.open_output_stream(tmp) as handle:
             write(handle)
         self.fs.move(tmp, self._path(name))
@@ -190,3 +201,10 @@ class OutputStore:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
         self._publish(MANIFEST, lambda handle: handle.write(data))
+
+    def write_report(self, page: str) -> None:
+        """The run report (pipeline/report). Its temporary name sits beside it (an `_` name
+        readers skip), not in `_tmp/`: `glm-infill report` may run beside a live job, and the
+        end of a run must not leave a `_tmp/` behind it."""
+        data = page.encode()
+        self._publish(REPORT, lambda handle: handle.write(data), tmp_dir="")

@@ -24,6 +24,7 @@ from pipeline.job.config import JobConfig, model_name
 from pipeline.job.plan import part_name
 from pipeline.job.retry import with_retries
 from pipeline.job.rows import WORK_SCHEMA, node_id
+from pipeline.job.scoring import quality_sums
 from pipeline.job.storage import OutputStore
 from schemas.output import (
     META_CONFIG_HASH,
@@ -52,6 +53,7 @@ COMMIT_SCHEMA = pa.schema([
     pa.field("node", pa.string()),  # the Ray node that wrote the part
     pa.field("generated_by", pa.list_(pa.string())),  # the generate actors of its rows
     pa.field("committed_at", pa.float64()),
+    pa.field("quality", pa.string()),  # JSON {mask kind or "rows": {count, exact, f1_sum}}
 ])
 
 
@@ -65,6 +67,7 @@ def unit_stats(table: pa.Table) -> dict[str, Any]:
         "prompt_tokens": int(pc.sum(table.column("prompt_tokens")).as_py() or 0),
         "output_tokens": int(pc.sum(table.column("output_tokens")).as_py() or 0),
         "error_types": dict(Counter(v for v in table.column("error_type").to_pylist() if v)),
+        "quality": quality_sums(table),
     }
 
 
@@ -122,6 +125,7 @@ def _commit(store: OutputStore, config: JobConfig, config_hash: str, rows: pa.Ta
     stats = unit_stats(table)
     return {"part": name, "source_file": source, "unit": unit, "last": last, "damage": damage,
             **stats, "error_types": json.dumps(stats["error_types"]), "node": node_id(),
+            "quality": json.dumps(stats["quality"]),
             "generated_by": sorted(set(rows.column("generated_by").drop_null().to_pylist())),
             "committed_at": time.time()}
 

@@ -24,7 +24,6 @@ import pytest
 import yaml
 
 from pipeline.cli import run_main
-from pipeline.glm.demo import DEMO_NAME, write_demo_checkpoint
 from pipeline.job.runner import InfillJob, JobFailed
 from pipeline.job.storage import MANIFEST, OutputError
 from tests.e2e.ray_head import VLLM_CPU_ENV, RayHead, head_env
@@ -131,6 +130,27 @@ def test_local_job_rerun_and_overwrite(ray_cluster: RayHead, small_model: Path,
     assert max(len(f["token_ids"]) for row in fills for f in row or []) == 2
 
 
+def test_scores_are_totalled_per_mask_kind_and_rebuilt_on_resume(
+        ray_cluster: RayHead, small_model: Path, tmp_path: Path) -> None:
+    """`span` knows the answers: every filled row is scored, the manifest totals the scores,
+    and a rerun (every part skipped) rebuilds the same totals from the parts."""
+    (tmp_path / "in").mkdir()
+    texts = [f"Row {i} says that the quick brown fox jumps over the lazy dog." for i in range(6)]
+    (tmp_path / "in" / "a.jsonl").write_bytes(jsonl(texts))
+    sections = job_sections(str(tmp_path / "in"), str(tmp_path / "out"), small_model,
+                            prompt={"policy": "span"})
+    quality = InfillJob.from_kwargs(**sections).run().manifest["quality"]
+    rows = read_output(tmp_path / "out").to_pylist()
+    assert all(len(r["target"]) == len(r["fills"]) == len(r["blank_token_f1"]) for r in rows)
+    f1s = [f1 for r in rows for f1 in r["blank_token_f1"]]
+    assert quality["[MASK]"]["blanks"] == len(f1s)
+    assert quality["[MASK]"]["token_f1"] == pytest.approx(sum(f1s) / len(f1s), abs=1e-6)
+    assert quality["rows"]["scored"] == len(rows) == len(texts)
+    assert quality["rows"]["exact"] == sum(r["exact_match"] for r in rows)
+    assert list(quality) == ["[MASK]", "rows"]
+    assert InfillJob.from_kwargs(**sections).run().manifest["quality"] == quality
+
+
 def test_error_rate_above_threshold_fails_after_writing(ray_cluster: RayHead,
                                                         small_model: Path,
                                                         tmp_path: Path) -> None:
@@ -166,47 +186,6 @@ def test_s3_input_output_and_config(ray_cluster: RayHead, s3: SeaweedS3, small_m
                         .read())
     assert stored["config_hash"] == manifest["config_hash"]
     assert stored["parts"] and all(name.startswith("part-") for name in stored["parts"])
-
-
-SAMPLE_ERRORS = {"bad-null": "missing_text", "bad-empty": "empty_text",
-                 "bad-number": "wrong_type", "bad-no-mask": "no_mask", "bad-too-long": "too_long",
-                 "bad_rows.jsonl:1": "invalid_json", "bad_rows.jsonl:2": "invalid_utf8",
-                 "bad_rows.jsonl:3": "invalid_json", "lines-ok-1": None, "lines-ok-2": None}
-
-
-def test_default_job_on_sample_corpus(ray_cluster: RayHead, tmp_path: Path,
-                                      monkeypatch: pytest.MonkeyPatch,
-                                      capsys: pytest.CaptureFixture) -> None:
-    """`glm-infill run` with no config: jobs/default.yaml, the demo checkpoint, data/sample."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)  # not the repository: the config's own paths still resolve
-    sample = REPO / "data" / "sample"
-    code = run_main(["--set", f"source.paths=[{sample / 'masked'}, {sample / 'bad_rows.jsonl'}]",
-                     "--set", "output.path=out", "--set", "sampling.max_new_tokens=2"])
-    assert code == 0
-    shown = capsys.readouterr().out
-    assert "succeeded: 170 rows (162 ok, 8 errors" in shown
-    result = json.loads(shown.splitlines()[-1].split(" result ", 1)[1])
-    assert (result["exit_code"], result["rows_in"], result["output"]) == (
-        0, 170, str(tmp_path / "out"))
-    table = read_output(tmp_path / "out")
-    errors = dict(zip(table.column("id").to_pylist(), table.column("error_type").to_pylist(),
-                      strict=True))
-    assert len(errors) == table.num_rows == 170
-    assert {i: errors[i] for i in SAMPLE_ERRORS} == SAMPLE_ERRORS
-    assert table.column("model").unique().to_pylist() == [DEMO_NAME]
-    demo = json.loads((tmp_path / "cache" / "glm-infill" / "demo" / "config.json").read_text())
-    assert demo["_name_or_path"] == DEMO_NAME and demo["hidden_size"] == 256
-
-
-def test_demo_checkpoint_is_deterministic(tmp_path: Path) -> None:
-    first = write_demo_checkpoint(tmp_path / "one", num_layers=1, hidden_size=64,
-                                  num_attention_heads=1)
-    second = write_demo_checkpoint(tmp_path / "two", num_layers=1, hidden_size=64,
-                                   num_attention_heads=1)
-    names = sorted(p.name for p in first.iterdir())
-    assert "cog-pretrain.model" in names and "model.safetensors" in names
-    assert all((first / n).read_bytes() == (second / n).read_bytes() for n in names)
 
 
 def test_resume_after_sigkill(ray_cluster: RayHead, ray_env: dict[str, str], small_model: Path,
@@ -333,7 +312,8 @@ def test_engine_settings_refused_on_the_cluster_are_a_config_error(
     write_corpus(tmp_path / "in")
     code = run_main(["--set", f"source.paths={tmp_path / 'in'}",
                      "--set", f"output.path={tmp_path / 'out'}",
-                     "--set", "source.id_column=null", "--set", f"model.path={small_model}",
+                     "--set", "source.id_column=null", "--set", "source.target_column=null",
+                     "--set", f"model.path={small_model}",
                      "--set", "model.device=cuda"])
     assert code == 2
     ours = [line for line in capsys.readouterr().err.splitlines()

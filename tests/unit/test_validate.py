@@ -25,8 +25,8 @@ def test_the_default_job_is_valid_and_shows_its_prompts() -> None:
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert "part-000.jsonl" in out and "part-001.jsonl.gz" in out  # the files, with units
-    assert "columns of the first 115 lines of" in out and "id, lang, text" in out
-    assert "max_sequence_length 512" in out and "tokenizer GLMChineseTokenizer" in out
+    assert "columns of the first 115 lines of" in out and "id, lang, target, text" in out
+    assert "max_sequence_length 256" in out and "tokenizer GLMChineseTokenizer" in out
     assert "prompts: the first 3 rows of" in out
     assert "  masked-0000: " in out and "tokens, fits" in out and "[MASK]" in out
     assert out.rstrip().endswith("valid: `glm-infill run` can start this job")
@@ -40,14 +40,14 @@ def test_json_report_from_another_directory(tmp_path: Path) -> None:
     report = json.loads(done.stdout)
     assert report["valid"] is True and report["problems"] == []
     assert [f["format"] for f in report["files"]] == ["jsonl", "jsonl, compressed"]
-    assert report["model"]["config"]["max_sequence_length"] == report["prompt_budget"] == 512
+    assert report["model"]["config"]["max_sequence_length"] == report["prompt_budget"] == 256
     assert [p["id"] for p in report["prompts"]] == ["masked-0000", "masked-0001"]
     assert all(p["budget_action"] == "fits" for p in report["prompts"])
 
 
 @pytest.mark.parametrize(("override", "message"), [
     ("sampling.max_new_tokens=1000000", "sampling.max_new_tokens: 1000000 exceeds the model's "
-                                        "max_sequence_length 512"),
+                                        "max_sequence_length 256"),
     ("source.keep_columns=[lang, region]", "source.keep_columns: 'region' not found in"),
     ("model.path=/nonexistent/glm", "model.path: /nonexistent/glm does not exist"),
 ])

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.engines.torch_engine import TorchEngine, choose_token
 from pipeline.glm.requests import SamplingParams, SpanRequest
-from tests.fixtures import FIXTURE_MODEL, fixture_cases
+from tests.fixtures import FIXTURE_MODEL, fixture_cases, spliced
 
 CASES = fixture_cases()
 TEXTS = [c["text"] for c in CASES]
@@ -105,7 +105,7 @@ def test_cli_fill_contract(shared_fixtures: Path) -> None:
     assert output["prompt_token_ids"] == case["orig_sequential"]["context_ids"]
     assert [list(f) for f in output["fills"]] == [["mask", "text", "token_ids",
                                                    "finish_reason"]] * 2
-    assert output["output_text"] == case["orig_sequential"]["filled_text"]
+    assert output["output_text"] == spliced(case["text"], case["orig_sequential"]["span_texts"])
 
 
 def test_cli_reports_bad_input_without_traceback(shared_fixtures: Path) -> None:

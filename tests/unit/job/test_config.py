@@ -59,11 +59,24 @@ def test_sampling_is_the_engines_sampling_params() -> None:
     assert params == SamplingParams(max_new_tokens=5, seed=7)  # without multi_mask
 
 
-def test_model_dir_and_name(tmp_path: Path) -> None:
+def test_model_dir_and_name() -> None:
     given = validate({**MINIMAL, "model": {"path": "/models/glm-10b"}})
-    assert model_dir(given.model, str(tmp_path)) == "/models/glm-10b"
+    assert model_dir(given.model) == "/models/glm-10b"
     assert model_name(given.model) == "/models/glm-10b"
-    assert model_name(validate(MINIMAL).model) == DEMO_NAME
+    demo = validate(MINIMAL).model
+    assert model_name(demo) == DEMO_NAME
+    assert (Path(model_dir(demo)) / "config.json").is_file()  # shipped in the package
+
+
+def test_target_column_only_for_pre_masked_rows() -> None:
+    given = validate({**MINIMAL, "source": {**MINIMAL["source"], "target_column": "answers"}})
+    assert given.source.target_column == "answers"
+    with pytest.raises(ConfigError, match="target_column is for policies that remove"):
+        validate({**MINIMAL, "source": {**MINIMAL["source"], "target_column": "answers"},
+                  "prompt": {"policy": "span"}})
+    with pytest.raises(ConfigError, match=r"target_column \['answers'\] are not in"):
+        validate({**MINIMAL, "source": {**MINIMAL["source"], "target_column": "answers",
+                                        "columns": ["text"]}})
 
 
 @pytest.mark.parametrize(("raw", "message"), [

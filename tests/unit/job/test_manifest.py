@@ -34,11 +34,35 @@ def test_totals_error_types_and_the_saved_manifest(tmp_path: Path) -> None:
     assert saved["parts"]["p1"]["generated_by"] == ["n1:7"]
     line = summary(saved)
     assert line.startswith("failed: 10 rows (6 ok, 4 errors") and "could not be read" in line
+    assert saved["quality"] == {} and "\n" not in line  # nothing was scored
 
     progress = Progress(run, RowEstimate(24, 0, {}), interval_s=30, log=print)
     assert progress.bar(width=8) == "[##......]"
     assert progress.line().startswith("progress: 6/~24 rows (25%)")
     assert "ETA" in progress.line()
+
+
+def test_quality_totals_come_from_every_parts_sums(tmp_path: Path) -> None:
+    """Parts of an earlier run (`skipped`, sums recomputed from their files) and of this one
+    add up alike; the summary gets one figure per mask kind that occurred."""
+    config = JobConfig.model_validate({"source": {"paths": "x"},
+                                       "output": {"path": str(tmp_path)}})
+    run = RunManifest(config, OutputStore(str(tmp_path), config.source.storage), ["/in/a"], print)
+    run.add_part({**record("p0", 2, {}), "quality": {
+        "[MASK]": {"count": 3, "exact": 3, "f1_sum": 3.0},
+        "rows": {"count": 2, "exact": 2, "f1_sum": 2.0}}}, "skipped")
+    run.add_part({**record("p1", 2, {}), "quality": {
+        "[MASK]": {"count": 1, "exact": 0, "f1_sum": 0.5},
+        "[gMASK]": {"count": 1, "exact": 0, "f1_sum": 0.25},
+        "rows": {"count": 2, "exact": 0, "f1_sum": 0.75}}}, "committed")
+    saved = run.save("succeeded")
+    assert saved["quality"] == {
+        "[MASK]": {"blanks": 4, "exact": 3, "exact_match": 0.75, "token_f1": 0.875},
+        "[gMASK]": {"blanks": 1, "exact": 0, "exact_match": 0.0, "token_f1": 0.25},
+        "rows": {"scored": 4, "exact": 2, "exact_match": 0.5, "token_f1": 0.6875}}
+    assert summary(saved).splitlines()[1] == (
+        "quality: [MASK] 75.0% exact, F1 0.88 (4 blanks); [gMASK] 0.0% exact, F1 0.25 "
+        "(1 blank); rows 50.0% exact, F1 0.69 (4 rows)")
 
 
 def test_jsonl_rows_are_estimated_from_the_ranges_committed_so_far() -> None:

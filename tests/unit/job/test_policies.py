@@ -49,10 +49,9 @@ def build(tok: GLMTokenizer, text: object, config: SimpleNamespace, key: str = "
     return build_prompt({"text": text}, config, tok, msl, row_key=key)
 
 
-def refill(prompt: str, target: str, mask: str) -> str:
+def refill(prompt: str, removed: list[str], mask: str) -> str:
     """Put the target strings back in place of the masks, in order."""
     pieces = prompt.split(mask)
-    removed = json.loads(target)
     assert len(removed) == len(pieces) - 1
     return "".join(p + r for p, r in zip(pieces, [*removed, ""], strict=True))
 
@@ -151,7 +150,7 @@ def test_span_golden_value(tok):
     """Pins the sampler: a change here changes every user's prompts (SHA-256 + random())."""
     result = build(tok, TEXT, cfg("span"), key="golden")
     assert result.text == GOLDEN_SPAN_PROMPT
-    assert json.loads(result.target) == GOLDEN_SPAN_TARGET
+    assert result.target == GOLDEN_SPAN_TARGET
 
 
 GOLDEN_SPAN_PROMPT = ("The quick brown fox jumps over the [MASK] near the river bank. It was a "
@@ -185,7 +184,7 @@ def test_span_masks_are_separate_and_refill_to_the_text(tok, ratio, max_spans):
         config = cfg("span", span=dict(mask_ratio=ratio, max_spans=max_spans))
         result = build(tok, TEXT, config, key=str(i))
         assert result.error_type is None, result
-        removed = json.loads(result.target)
+        removed = result.target
         assert 1 <= len(removed) == result.text.count(MASK) <= max_spans
         assert f"{MASK} {MASK}" not in result.text
         assert refill(result.text, result.target, MASK) == TEXT
@@ -215,7 +214,7 @@ def test_sentence_masks_whole_sentences(tok):
     for i in range(10):
         result = build(tok, TEXT, cfg("sentence"), key=str(i))
         assert result.text.count(SMASK) == 1
-        assert json.loads(result.target)[0] in sentences
+        assert result.target[0] in sentences
         assert refill(result.text, result.target, SMASK) == TEXT
 
 
@@ -236,7 +235,7 @@ def test_sentence_on_chinese_punctuation(tok):
 # -- suffix -----------------------------------------------------------------------------
 def test_suffix_keeps_a_prefix(tok):
     result = build(tok, "one two three four five six", cfg("suffix"))
-    assert result == PromptResult("one two three [gMASK]", '["four five six"]', "fits")
+    assert result == PromptResult("one two three [gMASK]", ["four five six"], "fits")
     result = build(tok, "one two three four", cfg("suffix", suffix=dict(keep_ratio=0.1)))
     assert result.text == "one [gMASK]"
 
@@ -246,7 +245,7 @@ def test_suffix_minimum_words(tok):
     assert build(tok, "one two three", config).error_type == "too_short"
     assert build(tok, "one two three four", config).text == "one two three [gMASK]"
     no_prefix = cfg("suffix", suffix=dict(min_keep_words=0, keep_ratio=0.1))
-    assert build(tok, "single", no_prefix) == PromptResult(GMASK, '["single"]', "fits")
+    assert build(tok, "single", no_prefix) == PromptResult(GMASK, ["single"], "fits")
 
 
 # -- budget -----------------------------------------------------------------------------
@@ -300,7 +299,7 @@ def test_truncate_applies_after_the_policy_and_keeps_the_target(tok):
     result = build(tok, long_text, config)
     assert result.budget_action == "truncated" and result.text.endswith(GMASK)
     assert tokens(tok, result.text) <= 30
-    assert long_text.endswith(json.loads(result.target)[0])
+    assert long_text.endswith(result.target[0])
 
 
 # -- the sample corpus (data/sample) ----------------------------------------------------
@@ -349,3 +348,29 @@ def test_sample_rows_build(tok, kind, policy, template):
             expected = BAD_ROW_ERRORS.get(row["id"])
         assert result.error_type == expected, (row, result)
     assert sum(r.error_type is None for r in results.values()) >= 40
+
+
+# -- answers brought by pre-masked rows (source.target_column) ---------------------------
+@pytest.mark.parametrize(("value", "target"), [
+    (["Paris", "blue"], ["Paris", "blue"]),
+    ('["Paris", "blue"]', ["Paris", "blue"]),  # a string column holding a JSON array
+    (None, None),
+])
+def test_target_column_gives_the_target(tok, value, target):
+    row = {"text": "It is in [MASK] and [MASK].", "answers": value}
+    result = build_prompt(row, cfg("as_is"), tok, 512, target_column="answers")
+    assert (result.error_type, result.target) == (None, target)
+
+
+@pytest.mark.parametrize("value", [7, ["Paris", 3], "Paris", {"a": "b"}])
+def test_a_target_that_is_no_list_of_strings_is_the_rows_error(tok, value):
+    row = {"text": "It is in [MASK].", "answers": value}
+    result = build_prompt(row, cfg("as_is"), tok, 512, target_column="answers")
+    assert result.error_type == "wrong_type"
+    assert "target column 'answers' must hold a list of strings" in result.error_message
+
+
+def test_a_policy_target_is_what_it_removed(tok):
+    row = {"text": "One two three four five six.", "answers": ["ignored"]}
+    result = build_prompt(row, cfg("suffix"), tok, 512, target_column="answers")
+    assert result.target == ["four five six."]

@@ -20,6 +20,7 @@ import pipeline.job.generate as generate
 import pipeline.job.prompts as prompts
 from pipeline.engines import engine_options
 from pipeline.engines.torch_engine import TorchEngine
+from pipeline.glm.procedures import Fill, FillResult
 from pipeline.glm.requests import SamplingParams, SpanRequest, SpanResult
 from pipeline.job.config import JobConfig, validate
 from pipeline.job.generate import GenerateStage
@@ -27,8 +28,10 @@ from pipeline.job.plan import plan_units
 from pipeline.job.prompts import PromptStage
 from pipeline.job.read import UnitReader
 from pipeline.job.rows import WORK_SCHEMA
+from pipeline.job.scoring import SCORE_COLUMNS
 from pipeline.job.storage import OutputStore
 from pipeline.job.write import write_units
+from tests.fixtures import spliced
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -101,12 +104,12 @@ def config(small_model: Path) -> dict[str, Any]:
 def prompted(config: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> pa.Table:
     """Six good rows, two the prompt stage rejects and one the read stage rejected."""
     block = read_block(tmp_path_factory.mktemp("in"), [*GOOD, *PROMPT_ERRORS])
-    return PromptStage(config, "unused")(block)
+    return PromptStage(config)(block)
 
 
 @pytest.fixture(scope="module")
 def torch_stage(config: dict[str, Any]) -> GenerateStage:
-    return GenerateStage(config, "unused")
+    return GenerateStage(config)
 
 
 # -- prompt -------------------------------------------------------------------------------
@@ -126,10 +129,9 @@ def test_prompt_stage_builds_prompts(prompted: pa.Table) -> None:
 
 
 def test_prompt_stage_applies_the_policy(small_model: Path, tmp_path: Path) -> None:
-    stage = PromptStage(job_config(small_model, prompt={"policy": "suffix"}), "unused")
+    stage = PromptStage(job_config(small_model, prompt={"policy": "suffix"}))
     row = stage(read_block(tmp_path, ["one two three four five six"], 0)).to_pylist()[0]
-    assert (row["prompt"], json.loads(row["target"])) == ("one two three [gMASK]",
-                                                         ["four five six"])
+    assert (row["prompt"], row["target"]) == ("one two three [gMASK]", ["four five six"])
 
 
 def test_a_policy_exception_becomes_prompt_error(small_model: Path, tmp_path: Path,
@@ -137,7 +139,7 @@ def test_a_policy_exception_becomes_prompt_error(small_model: Path, tmp_path: Pa
     """A bug in a policy fails its row, not the block (Ray Data would fail the whole job)."""
     real = prompts.build_prompt
     block = read_block(tmp_path, GOOD)
-    stage = PromptStage(job_config(small_model), "unused")
+    stage = PromptStage(job_config(small_model))
     expected = by_text(stage(block))
 
     def flaky(record: dict, *args: Any, **kwargs: Any):
@@ -158,8 +160,7 @@ def test_a_policy_exception_becomes_prompt_error(small_model: Path, tmp_path: Pa
 def test_generate_stage_uses_the_config(small_model: Path) -> None:
     stage = GenerateStage(job_config(small_model, model={"engine_options": {"max_batch_size": 2}},
                                      sampling={"multi_mask": "sequential", "seed": 5},
-                                     resources={"batch_size": 3}),
-                          "unused")
+                                     resources={"batch_size": 3}))
     assert isinstance(stage.engine, TorchEngine) and not stage.engine.continuous_batching
     assert stage.engine.max_batch_size == 2 and stage.batch_size == 3
     assert stage.multi_mask == "sequential"
@@ -174,15 +175,39 @@ def test_generate_stage_fills_a_block(torch_stage: GenerateStage, prompted: pa.T
     for text in GOOD:
         assert_filled(after[text])
         assert after[text]["prompt"] == text
+        assert after[text]["output_text"] == spliced(text, [f["text"]
+                                                            for f in after[text]["fills"]])
+        assert [after[text][name] for name in SCORE_COLUMNS] == [None] * 4  # no target
         assert after[text]["unit_rows"] == before[text]["unit_rows"]  # the unit travels along
     for text in [*PROMPT_ERRORS, None]:  # error rows pass through untouched
         assert without_worker(after[text]) == without_worker(before[text])
     assert {row["generated_by"] for row in after.values()} == {torch_stage.worker}
 
 
+def test_generate_stage_scores_rows_with_a_target(small_model: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    job = job_config(small_model, prompt={"policy": "suffix"})
+    texts = ["one two three four five six", "seven eight nine ten"]
+    block = PromptStage(job)(read_block(tmp_path, texts))
+    prompts = {text: row["prompt"] for text, row in by_text(block).items()}
+    answers = {prompts[texts[0]]: " four  five six\n",  # exact once normalised
+               prompts[texts[1]]: "nine eleven"}  # one word of the two right
+    stage = GenerateStage(job)
+
+    def fill(prompts: list[str], *args: Any) -> list[FillResult]:
+        return [FillResult(p, [1], [Fill("[gMASK]", answers[p], [5], "stop")], p)
+                for p in prompts]
+
+    monkeypatch.setattr(stage.engine, "fill", fill)
+    rows = by_text(asyncio.run(stage(block)))
+    assert [rows[texts[0]][name] for name in SCORE_COLUMNS] == [[True], [1.0], True, 1.0]
+    assert [rows[texts[1]][name] for name in SCORE_COLUMNS] == [[False], [0.5], False, 0.5]
+    assert [rows[None][name] for name in SCORE_COLUMNS] == [None] * 4  # the error row
+
+
 def test_fill_gets_batch_size_rows_at_a_time(small_model: Path, prompted: pa.Table,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    stage = GenerateStage(job_config(small_model, resources={"batch_size": 4}), "unused")
+    stage = GenerateStage(job_config(small_model, resources={"batch_size": 4}))
     real, calls = stage.engine.fill, []
 
     def fill(texts, *args, **kwargs):
@@ -200,7 +225,7 @@ def test_fill_gets_batch_size_rows_at_a_time(small_model: Path, prompted: pa.Tab
 def test_a_rows_own_problem_is_that_rows_error(small_model: Path, prompted: pa.Table) -> None:
     """A request the engine refuses (answers longer than the model's positions) is an error
     row, not a failed unit."""
-    stage = GenerateStage(job_config(small_model, sampling={"max_new_tokens": 200}), "unused")
+    stage = GenerateStage(job_config(small_model, sampling={"max_new_tokens": 200}))
     rows = by_text(asyncio.run(stage(prompted)))
     for text in GOOD:
         assert rows[text]["error_type"] == "too_long", rows[text]
@@ -227,7 +252,7 @@ def test_rows_sample_with_seeds_of_their_own(small_model: Path, prompted: pa.Tab
 
     def outputs(block: pa.Table, batch_size: int, seed: int = 3) -> dict:
         stage = GenerateStage(job_config(small_model, sampling={**sampling, "seed": seed},
-                                         resources={"batch_size": batch_size}), "unused")
+                                         resources={"batch_size": batch_size}))
         return {text: filled_columns(row) for text, row in by_text(asyncio.run(stage(block)))
                 .items() if text in GOOD}
 
@@ -277,7 +302,7 @@ def counting_stage(small_model: Path, monkeypatch: pytest.MonkeyPatch):
 
         monkeypatch.setattr(generate, "make_engine", fake_make_engine)
         return GenerateStage(job_config(small_model,
-                                        resources={"max_in_flight": max_in_flight}), "unused")
+                                        resources={"max_in_flight": max_in_flight}))
 
     return make
 
@@ -311,7 +336,7 @@ def test_read_prompt_generate_write_without_ray(small_model: Path, tmp_path: Pat
     every input row in it exactly once."""
     block = read_block(tmp_path, [*GOOD, *PROMPT_ERRORS])
     job = job_config(small_model, output={"path": str(tmp_path / "out")})
-    block = asyncio.run(GenerateStage(job, "unused")(PromptStage(job, "unused")(block)))
+    block = asyncio.run(GenerateStage(job)(PromptStage(job)(block)))
     [record] = write_units(block, job, "h" * 64).to_pylist()
     assert (record["rows"], record["ok"], record["error"]) == (9, 6, 3)
     assert json.loads(record["error_types"]) == {"invalid_json": 1, "no_mask": 1,

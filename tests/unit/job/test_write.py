@@ -16,9 +16,11 @@ import pytest
 from pipeline.job.config import validate
 from pipeline.job.plan import part_name
 from pipeline.job.rows import WORK_SCHEMA
+from pipeline.job.scoring import QUALITY_COLUMNS
 from pipeline.job.storage import (
     MANIFEST,
     TMP_DIR,
+    OutputError,
     OutputStore,
     SourceFormat,
     StorageConfig,
@@ -37,6 +39,7 @@ from schemas.output import (
     META_SOURCE_FILE,
     META_UNIT,
     OUTPUT_SCHEMA,
+    SCHEMA_VERSION,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -94,6 +97,7 @@ def test_write_stage_commits_every_unit_of_a_block(tmp_path: Path) -> None:
         "source_file": "/in/a.jsonl", "unit": 1, "last": True, "damage": None, "rows": 5,
         "ok": 5, "error": 0, "prompt_tokens": 10, "output_tokens": 5}
     assert json.loads(by_part[a]["error_types"]) == {}
+    assert json.loads(by_part[a]["quality"]) == {}  # no target, nothing scored
     assert by_part[a]["generated_by"] == ["node1:42"] and by_part[a]["node"]
     store = OutputStore(str(out), StorageConfig())
     committed = store.committed()
@@ -167,12 +171,24 @@ def test_assemble_keeps_mixed_columns_as_json() -> None:
     assert table.column("meta").to_pylist() == ["1", '{"k": "v"}']
 
 
-def test_unit_stats_count_errors_and_tokens() -> None:
-    table = pa.table({"error_type": ["no_mask", None, None],
-                      "prompt_tokens": pa.array([0, 4, 5], pa.int32()),
-                      "output_tokens": pa.array([None, 2, 3], pa.int32())})
-    assert unit_stats(table) == {"rows": 3, "ok": 2, "error": 1, "prompt_tokens": 9,
-                                 "output_tokens": 5, "error_types": {"no_mask": 1}}
+def fill(mask: str) -> dict[str, Any]:
+    return dict(mask=mask, text="a", token_ids=[5], finish_reason="stop")
+
+
+def test_unit_stats_count_errors_tokens_and_score_sums() -> None:
+    rows = [dict(error_type="no_mask", prompt_tokens=0),
+            dict(prompt_tokens=4, output_tokens=2, fills=[fill("[MASK]"), fill("[sMASK]")],
+                 blank_exact_match=[True, False], blank_token_f1=[1.0, 0.5], exact_match=False,
+                 token_f1=0.75),
+            dict(prompt_tokens=5, output_tokens=3, fills=[fill("[MASK]")])]  # no target
+    schema = pa.schema([OUTPUT_SCHEMA.field(name) for name in (
+        "error_type", "prompt_tokens", "output_tokens", *QUALITY_COLUMNS)])
+    assert unit_stats(pa.Table.from_pylist(rows, schema)) == {
+        "rows": 3, "ok": 2, "error": 1, "prompt_tokens": 9, "output_tokens": 5,
+        "error_types": {"no_mask": 1},
+        "quality": {"[MASK]": {"count": 1, "exact": 1, "f1_sum": 1.0},
+                    "[sMASK]": {"count": 1, "exact": 0, "f1_sum": 0.5},
+                    "rows": {"count": 1, "exact": 0, "f1_sum": 0.75}}}
 
 
 def test_output_store_manifest_tmp_and_clear(tmp_path: Path) -> None:
@@ -240,8 +256,8 @@ def test_a_run_is_complete_only_when_every_planned_unit_has_its_part(tmp_path: P
 
     def commit(rows: pa.Table) -> None:
         for record in write_units(rows, job_config, HASH).to_pylist():
-            run.add_part({**record, "error_types": json.loads(record["error_types"])},
-                         "committed")
+            run.add_part({**record, "error_types": json.loads(record["error_types"]),
+                          "quality": json.loads(record["quality"])}, "committed")
 
     commit(work_rows("/in/a.jsonl", 3, unit=0, last=False))
     commit(work_rows("/in/b.jsonl.gz", 2, unit=0, last=False))
@@ -255,3 +271,19 @@ def test_a_run_is_complete_only_when_every_planned_unit_has_its_part(tmp_path: P
     empty = run.parts[part_name("/in/a.jsonl", 1)]
     assert (empty["rows"], empty["last"], empty["status"]) == (0, True, "committed")
     assert sorted(p["rows"] for p in run.parts.values()) == [0, 1, 2, 3]
+
+
+def test_parts_of_another_schema_version_are_not_resumed(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Their columns are not this version's (resume reads the score columns of every part)."""
+    import pipeline.job.runner as runner
+
+    config = validate({"source": {"paths": "x"}, "output": {"path": str(tmp_path / "out")}})
+    write_units(work_rows("/in/a.jsonl", 2), config.model_dump(mode="json"), HASH)
+    store = OutputStore(config.output.path, StorageConfig())
+    job = runner.InfillJob(config)
+    assert set(job._check_output(store, HASH)) == {part_name("/in/a.jsonl", 0)}
+    monkeypatch.setattr(runner, "SCHEMA_VERSION", "next")
+    with pytest.raises(OutputError, match=f"schema version {SCHEMA_VERSION}, this version "
+                                          "writes next; set output.overwrite"):
+        job._check_output(store, HASH)
