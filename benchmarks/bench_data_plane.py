@@ -7,7 +7,7 @@ Three measurements, each printed with its baseline from the same process:
   not grow with the file (the largest run within 1.1x of the smallest).
 * `spread`: one file, concurrency 1 vs 2: rows/s of each and how many generate actors worked.
 * `overhead`: the whole job vs the engine alone on the same rows, random weights in the
-  glm-small shape (../shared/glm-fixtures/bench), greedy, 32 new tokens; also with the demo
+  glm-small shape (pipeline/glm/workload.py), greedy, 32 new tokens; also with the demo
   model. The job's time includes reading, prompts, the actor start and the part commits.
 
     python -m benchmarks.bench_data_plane memory --rows 100000 1000000
@@ -30,12 +30,12 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.workload import BENCH_MODEL, bench_checkpoint
 from pipeline import InfillJob
 from pipeline.engines.base import TorchOptions
 from pipeline.engines.torch_engine import TorchEngine
 from pipeline.glm.demo import demo_checkpoint, write_random_demo_checkpoint
 from pipeline.glm.requests import MultiMask, SamplingParams
+from pipeline.glm.workload import Shape, write_shape_checkpoint
 
 WORDS = ["the", "river", "city", "table", "file", "data", "mode", "value", "year", "model",
          "answer", "question", "north", "market", "seven", "garden"]
@@ -160,7 +160,7 @@ def spread(args: argparse.Namespace, root: Path) -> None:
 
 
 def overhead(args: argparse.Namespace, root: Path) -> None:
-    models = {"glm-small (random)": bench_checkpoint(root / "glm-small"),
+    models = {"glm-small (random)": write_shape_checkpoint(root / "glm-small", Shape.GLM_SMALL),
               "demo": demo_checkpoint()}
     rows = args.rows[0]
     source = write_jsonl(root / "rows.jsonl", rows)
@@ -195,8 +195,6 @@ def main() -> None:
     args = parser.parse_args()
     args.rows = args.rows or {"memory": [100_000, 1_000_000], "spread": [200_000],
                               "overhead": [200]}[args.what]
-    if args.what == "overhead" and not BENCH_MODEL.is_dir():
-        raise SystemExit(f"overhead needs {BENCH_MODEL} (../shared beside the repository)")
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False)

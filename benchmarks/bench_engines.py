@@ -1,12 +1,12 @@
 """Torch engine vs vLLM engine on the same infill workload, in one run.
 
-Random weights in the glm-small shape (shared/glm-fixtures/bench) on the CPU, or glm-10b's
-shape in bfloat16 with `--device cuda`; a fixed seeded set of infill prompts (contexts of
-64-400 tokens, 1-3 masks, greedy, up to --max-new-tokens per blank). The torch engine runs the
-procedure in waves (`fill`); the vLLM engine runs every row as its own task (`afill`), so rows
-and rounds overlap under continuous batching. Prints output tokens/s, total tokens/s (context
-tokens of every request + generated tokens, stop tokens included: the same count for both
-engines) and the ratio.
+Random weights in the glm-small shape on the CPU, or glm-10b's shape in bfloat16 with
+`--device cuda` (pipeline/glm/workload.py); a fixed seeded set of infill prompts (contexts of
+64-400 tokens, 1-3 masks, greedy, up to --max-new-tokens per blank), timed as `glm-infill
+bench` times them (pipeline/engines/throughput.py: torch in waves, vLLM a task per row). Prints
+output tokens/s, total tokens/s (context tokens of every request + generated tokens, stop
+tokens included: the same count for both engines) and the ratio. `glm-infill bench` measures
+prompts of fixed lengths; this script, a mixed workload.
 
     python -m benchmarks.bench_engines [--num-prompts 200] [--device cuda]
 """
@@ -14,88 +14,18 @@ engines) and the ratio.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
-import os
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from benchmarks.workload import bench_checkpoint, infill_texts
 from pipeline.engines import make_engine
-from pipeline.engines.base import InfillEngine
+from pipeline.engines.throughput import measure, share_cores_with_vllm
 from pipeline.glm.checkpoint import DType
-from pipeline.glm.procedures import FillResult
-from pipeline.glm.requests import MultiMask, SamplingParams, SpanRequest, SpanResult
-
-GLM_10B = dict(num_layers=48, hidden_size=4096, num_attention_heads=64, max_sequence_length=1024,
-               vocab_size=50048)
-
-
-class Counted(InfillEngine):
-    """An engine in front of another that counts the context and generated tokens of what it
-    answers; `fill` and `afill` (the contract's) run through it unchanged."""
-
-    def __init__(self, engine: InfillEngine):
-        super().__init__()
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.config = engine.config
-        self.context_tokens = 0
-        self.output_tokens = 0
-
-    def _count(self, request: SpanRequest, result: SpanResult) -> SpanResult:
-        self.context_tokens += len(request.context_ids)
-        self.output_tokens += sum(len(span) + (stop is not None)
-                                  for span, stop in zip(result.spans, result.stop_ids,
-                                                        strict=True))
-        return result
-
-    def check(self, request: SpanRequest) -> None:
-        self.engine.check(request)
-
-    def generate(self, requests: Sequence[SpanRequest]) -> list[SpanResult]:
-        return [self._count(r, s) for r, s in zip(requests, self.engine.generate(requests),
-                                                   strict=True)]
-
-    async def agenerate(self, request: SpanRequest) -> SpanResult:
-        return self._count(request, await self.engine.agenerate(request))
-
-    def close(self) -> None:
-        """The wrapped engine belongs to the caller."""
-
-
-def run(engine: Counted, texts: list[str], multi_mask: MultiMask,
-        params: SamplingParams) -> list[FillResult]:
-    """Rows together in waves (`fill`), or each row its own task (`afill`) on an engine that
-    batches continuously."""
-    if not engine.engine.continuous_batching:
-        return engine.fill(texts, multi_mask, params)
-
-    async def fill_all() -> list[FillResult]:
-        return list(await asyncio.gather(*(engine.afill(text, multi_mask, params)
-                                           for text in texts)))
-
-    return asyncio.run(fill_all())
-
-
-def measure(engine: InfillEngine, texts: list[str], multi_mask: MultiMask,
-            params: SamplingParams) -> dict:
-    run(Counted(engine), texts[:2], multi_mask, params)  # warm-up
-    counted = Counted(engine)
-    start = time.perf_counter()
-    results = run(counted, texts, multi_mask, params)
-    seconds = time.perf_counter() - start
-    errors = [r.error_message for r in results if r.error_type]
-    assert not errors, errors[:3]
-    total = counted.context_tokens + counted.output_tokens
-    return {"engine": str(engine.name), "seconds": seconds, "output_tokens": counted.output_tokens,
-            "total_tokens": total, "output_per_s": counted.output_tokens / seconds,
-            "total_per_s": total / seconds, "fills": [[f.token_ids for f in r.fills]
-                                                       for r in results]}
+from pipeline.glm.requests import MultiMask, SamplingParams
+from pipeline.glm.workload import Shape, infill_texts, write_shape_checkpoint
 
 
 def main() -> None:
@@ -117,14 +47,13 @@ def main() -> None:
     args = parser.parse_args()
     cuda = args.device == "cuda"
     dtype = args.dtype or (DType.BFLOAT16 if cuda else DType.FLOAT32)
+    shape = Shape.GLM_10B if cuda else Shape.GLM_SMALL
     if not cuda:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        # vLLM drops torch to one thread unless OMP_NUM_THREADS says otherwise: same cores
-        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+        share_cores_with_vllm()
     kv_cache_gb = args.kv_cache_gb if args.kv_cache_gb is not None or cuda else 1
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = bench_checkpoint(Path(tmp), dtype, **(GLM_10B if cuda else {}))
+        model_dir = write_shape_checkpoint(Path(tmp), shape, dtype)
         params = SamplingParams(max_new_tokens=args.max_new_tokens)
         rows = []
 
@@ -151,7 +80,7 @@ def main() -> None:
             rows.append(measure(vllm_engine, texts, args.multi_mask, params))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, {dtype}, "
-          f"{'glm-10b' if cuda else 'glm-small'} shape, random weights; {len(texts)} prompts, "
+          f"{shape} shape, random weights; {len(texts)} prompts, "
           f"context tokens {min(lengths)}-{max(lengths)} (mean "
           f"{sum(lengths) / len(lengths):.0f}), 1-3 masks, {args.multi_mask}, greedy, up to "
           f"{args.max_new_tokens} new tokens per blank; start-up torch {torch_start:.1f} s, "
@@ -159,10 +88,10 @@ def main() -> None:
     print(f"{'engine':>6} {'seconds':>8} {'out tokens':>10} {'out tok/s':>10} "
           f"{'total tok/s':>11} {'vs torch':>8}")
     for row in rows:
-        print(f"{row['engine']:>6} {row['seconds']:>8.1f} {row['output_tokens']:>10} "
-              f"{row['output_per_s']:>10.1f} {row['total_per_s']:>11.1f} "
-              f"{row['output_per_s'] / rows[0]['output_per_s']:>7.2f}x")
-    same = sum(a == b for a, b in zip(rows[0]["fills"], rows[1]["fills"], strict=True))
+        print(f"{row.engine:>6} {row.elapsed_s:>8.1f} {row.output_tokens:>10} "
+              f"{row.output_tokens_per_s:>10.1f} {row.total_tokens_per_s:>11.1f} "
+              f"{row.output_tokens_per_s / rows[0].output_tokens_per_s:>7.2f}x")
+    same = sum(a == b for a, b in zip(rows[0].fills, rows[1].fills, strict=True))
     print(f"rows with identical fills in both engines: {same}/{len(texts)}")
 
 

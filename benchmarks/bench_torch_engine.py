@@ -1,8 +1,8 @@
 """Torch engine speed on the CPU: greedy output tokens/s at batch 1 and batch 16.
 
-Random weights in the glm-small shape (shared/glm-fixtures/bench), a fixed seeded prompt set,
-every batch size run on the same prompts in this process; prints a table and the ratio to
-batch 1.
+Random weights in the glm-small shape (pipeline/glm/workload.py), a fixed seeded prompt set,
+every batch size run on the same prompts in this process and timed as `glm-infill bench` times
+them (pipeline/engines/throughput.py); prints a table and the ratio to batch 1.
 
     python -m benchmarks.bench_torch_engine [--num-prompts 32] [--max-new-tokens 32]
 """
@@ -11,25 +11,15 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.workload import bench_checkpoint, infill_texts
+from pipeline.engines.throughput import measure
 from pipeline.engines.torch_engine import TorchEngine
 from pipeline.glm.checkpoint import DType
 from pipeline.glm.requests import MultiMask, SamplingParams
-
-
-def measure(engine: TorchEngine, texts: list[str], params: SamplingParams) -> dict[str, float]:
-    start = time.perf_counter()
-    results = engine.fill(texts, MultiMask.ITERATIVE, params)
-    seconds = time.perf_counter() - start
-    assert not any(r.error_type for r in results), [r.error_message for r in results]
-    output = sum(len(f.token_ids) + (f.finish_reason == "stop") for r in results
-                 for f in r.fills)
-    return {"seconds": seconds, "output_tokens": output, "tokens_per_s": output / seconds}
+from pipeline.glm.workload import Shape, infill_texts, write_shape_checkpoint
 
 
 def main() -> None:
@@ -42,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = bench_checkpoint(Path(tmp), args.dtype)
+        model_dir = write_shape_checkpoint(Path(tmp), Shape.GLM_SMALL, args.dtype)
         engine = TorchEngine(model_dir, dtype=args.dtype, device=args.device)
         # every batch size runs on these weights: the batch size is read per `generate` call
         texts = infill_texts(engine.tokenizer, args.num_prompts, max_masks=1)
@@ -52,16 +42,15 @@ def main() -> None:
               f"{args.dtype}; {len(texts)} single-blank prompts, context tokens "
               f"{min(lengths)}-{max(lengths)} (mean {sum(lengths) / len(lengths):.0f}), "
               f"greedy, up to {args.max_new_tokens} new tokens")
-        measure(engine, texts[:2], params)  # warm-up
         rows = []
         for batch_size in args.batch_sizes:
             engine.max_batch_size = batch_size
-            rows.append((batch_size, measure(engine, texts, params)))
-    base = rows[0][1]["tokens_per_s"]
+            rows.append((batch_size, measure(engine, texts, MultiMask.ITERATIVE, params)))
+    base = rows[0][1].output_tokens_per_s
     print(f"{'batch':>5} {'seconds':>8} {'out tokens':>10} {'out tok/s':>10} {'vs first':>8}")
     for batch_size, row in rows:
-        print(f"{batch_size:>5} {row['seconds']:>8.2f} {row['output_tokens']:>10} "
-              f"{row['tokens_per_s']:>10.1f} {row['tokens_per_s'] / base:>7.2f}x")
+        print(f"{batch_size:>5} {row.elapsed_s:>8.2f} {row.output_tokens:>10} "
+              f"{row.output_tokens_per_s:>10.1f} {row.output_tokens_per_s / base:>7.2f}x")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Every command is a module of this package with `add_parser(commands)`:
 * `run` (run.py) runs a pipeline job from a YAML config (default: the embedded demo job);
 * `submit` (submit.py) sends that job to a Ray cluster's Jobs API and follows it;
 * `validate` (validate.py) checks a job config without starting an engine;
-* `report` (report.py) writes the HTML run report of a job's output.
+* `report` (report.py) writes the HTML run report of a job's output;
+* `bench` (bench.py) measures an engine's generation speed, like `vllm bench throughput`.
 
 Exit codes (every command): 0 success; 1 the data did not pass (a `fill` text that cannot be
 filled; a job above `output.max_error_rate`, or with an unreadable input file); 2 usage or
@@ -16,13 +17,13 @@ config error; 3 infrastructure failure (storage, network, an engine that died), 
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import os
 import sys
 from collections.abc import Sequence
 
-from pipeline.cli import fill, report, run, submit, validate
+from pipeline.cli import bench, fill, report, run, submit, validate
+from pipeline.cli.flags import OneLineParser
 from pipeline.cli.run import run_main
 
 __all__ = ["main", "run_main"]
@@ -30,12 +31,12 @@ BROKEN_PIPE_EXIT = 141  # what a shell reports for a command ended by SIGPIPE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="glm-infill", description=__doc__.split("\n")[0],
-                                     allow_abbrev=False)
+    parser = OneLineParser(prog="glm-infill", description=__doc__.split("\n")[0],
+                           allow_abbrev=False)
     parser.add_argument("--version", action="version",
                         version=f"%(prog)s {importlib.metadata.version('glm-infill')}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for command in (fill, run, submit, validate, report):
+    for command in (fill, run, submit, validate, report, bench):
         command.add_parser(commands)
     args = parser.parse_args(argv)
     try:

@@ -20,18 +20,22 @@ import codecs
 import contextlib
 import itertools
 import json
-import os
 import sys
-import traceback
 from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
+from pipeline.cli.engine import (
+    add_engine_flags,
+    given_engine_options,
+    require_installed,
+    start_engine,
+)
 from pipeline.cli.flags import add_model_flags, flag, usage_error
-from pipeline.engines.base import ENGINE_OPTIONS, EngineName
+from pipeline.engines.base import EngineName
 from pipeline.glm.checkpoint import DType
-from pipeline.glm.requests import InfillError, MultiMask, SamplingParams
+from pipeline.glm.requests import InfillError, MultiMask, SamplingParams, SamplingSettings
 from schemas.errors import ErrorType
 
 if TYPE_CHECKING:
@@ -80,9 +84,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     fill.add_argument("--multi-mask", choices=list(MultiMask), default=MultiMask.ITERATIVE)
     fill.add_argument("--dtype", choices=list(DType), default=DType.FLOAT32)
     fill.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    fill.add_argument("--debug", action="store_true",
-                      help="show all of vLLM's logs (only its errors otherwise, none while it "
-                      "starts) and the traceback of a start that failed")
     files = fill.add_argument_group("input and output")
     files.add_argument("--input-file", metavar="PATH", help="read the texts from PATH, one a "
                        "line, instead of TEXT arguments")
@@ -95,22 +96,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                        help="json: a JSON line per filled text; text: a line per text, the "
                        "filled text (line breaks written as \\n and \\r; empty for a text that "
                        "failed) (default: json)")
-    add_model_flags(fill, SamplingParams, "sampling")
-    for engine, options in ENGINE_OPTIONS.items():
-        add_model_flags(fill, options, f"{engine} engine options", defaults=False)
-
-
-def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options given on the command line; options of another engine are a usage error."""
-    chosen: dict[str, Any] = {}
-    for engine, options in ENGINE_OPTIONS.items():
-        given = {n: getattr(args, n) for n in options.model_fields if getattr(args, n) is not None}
-        if engine == args.engine:
-            chosen = given
-        elif given:
-            flags = ", ".join(flag(n) for n in given)
-            _usage_error(f"{flags} only apply to --engine {engine}")
-    return chosen
+    add_model_flags(fill, SamplingSettings, "sampling")
+    add_engine_flags(fill)
 
 
 def _input_format(args: argparse.Namespace) -> InputFormat:
@@ -213,61 +200,25 @@ def _report(number: int, outcome: FillResult | InfillError, output_format: Outpu
     return False
 
 
-@contextlib.contextmanager
-def _quiet_stderr(quiet: bool) -> Iterator[None]:
-    """Hide what an engine and the processes it starts write to stderr while it starts (vLLM: a
-    page of logs; tracebacks when it fails), so that a failure is reported in one line."""
-    if not quiet:
-        yield
-        return
-    saved = os.dup(2)
-    sys.stderr.flush()
-    with open(os.devnull, "wb") as devnull:
-        os.dup2(devnull.fileno(), 2)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def _start_engine(args: argparse.Namespace, options: dict[str, Any]) -> InfillEngine:
-    """The engine, or one line on stderr and exit 2 (a model or settings it refuses) or 3 (a
-    machine that could not start it)."""
-    from pipeline.engines import make_engine
-    from pipeline.engines.base import EngineConfigError, EngineStartError
-    from pipeline.glm.checkpoint import CheckpointError
-    from pipeline.glm.tokenization import TokenizerError
-
+    """The engine on `--model`, or on the demo checkpoint (said on stderr)."""
     model = args.model
     if model is None:
         from pipeline.glm.demo import demo_checkpoint, demo_notice
 
         print(f"glm-infill fill: {demo_notice()} (--model DIR)", file=sys.stderr)
         model = demo_checkpoint()
-    if not args.debug:  # vLLM's logs would bury the results' errors on stderr
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    try:
-        with _quiet_stderr(not args.debug):
-            return make_engine(args.engine, model, args.dtype, args.device, options)
-    except (CheckpointError, TokenizerError, OSError) as err:
-        _usage_error(f"cannot load model: {err}")
-    except EngineStartError as err:
-        if args.debug:
-            traceback.print_exc()
-        if isinstance(err, EngineConfigError):
-            _usage_error(str(err))
-        print(f"glm-infill fill: error: {err}", file=sys.stderr)
-        raise SystemExit(3) from None
+    return start_engine("fill", args.engine, model, args.dtype, args.device, options,
+                        args.debug)
 
 
 def main(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    options = _engine_options(args)
+    options = given_engine_options(args, "fill", {args.engine})[args.engine]
+    require_installed("fill", args.engine)
     try:
-        params = SamplingParams(**{n: getattr(args, n) for n in SamplingParams.model_fields})
+        params = SamplingParams(**{n: getattr(args, n) for n in SamplingSettings.model_fields})
     except ValidationError as err:
         problems = "; ".join(f"{flag(str(e['loc'][0]))}: {e['msg']}" for e in err.errors())
         _usage_error(problems)

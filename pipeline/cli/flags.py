@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from pydantic import BaseModel
@@ -13,6 +14,27 @@ def usage_error(command: str, message: str) -> NoReturn:
     """One line on stderr and exit status 2, never a traceback."""
     print(f"glm-infill {command}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A parser whose mistakes (a misspelt flag, a bad value) are one line and exit status 2,
+    like the commands' own usage errors: the usage is what --help shows. Subcommands' parsers
+    are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def count_of_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum` (else a one-line usage error)."""
+    def count(text: str) -> int:
+        number = int(text)
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {number}")
+        return number
+
+    return count
 
 
 def flag(name: str) -> str:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pipeline.cli.flags import count_of_at_least
 from pipeline.cli.run import add_arguments
 
 if TYPE_CHECKING:
@@ -27,13 +28,6 @@ T = TypeVar("T")
 DEFAULT_ROWS = 3
 
 
-def _row_count(text: str) -> int:
-    count = int(text)
-    if count < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {count}")
-    return count
-
-
 def add_parser(commands: argparse._SubParsersAction) -> None:
     validate = commands.add_parser(
         "validate", help="check a job config against its data and model, without running it",
@@ -42,7 +36,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "changes nothing here, the output is not looked at).", allow_abbrev=False)
     validate.set_defaults(handler=validate_job)
     add_arguments(validate)
-    validate.add_argument("--rows", type=_row_count, default=DEFAULT_ROWS, metavar="N",
+    validate.add_argument("--rows", type=count_of_at_least(0), default=DEFAULT_ROWS, metavar="N",
                           help="show the first N rows of the first file as prompts "
                           f"(default: {DEFAULT_ROWS})")
     validate.add_argument("--json", action="store_true",

@@ -48,7 +48,8 @@ class _Decoding:
                  record_logits: bool):
         self.request = request
         self.sop_id = sop_id
-        self.stop_ids = stop_ids
+        # ignore_eos: a stop token is an ordinary token, every span max_new_tokens long
+        self.stop_ids = set() if request.params.ignore_eos else stop_ids
         self.record_logits = record_logits
         seed = request.params.seed if request.params.seed is not None else random.getrandbits(63)
         self.generator = None if request.params.greedy else torch.Generator().manual_seed(seed)

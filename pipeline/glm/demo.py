@@ -16,7 +16,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from pipeline.glm.checkpoint import GLMConfig, write_random_checkpoint
+from pipeline.glm.checkpoint import DType, GLMConfig, write_random_checkpoint
 from pipeline.glm.demo_world import KNOWS
 
 DEMO_NAME = "glm-infill-demo"
@@ -36,9 +36,10 @@ def demo_notice() -> str:
             f"{KNOWS}); give a checkpoint directory to use a real GLM")
 
 
-def write_random_demo_checkpoint(out_dir: Path, seed: int = RANDOM_SEED, **shape: int) -> Path:
-    """A GLM with seeded random weights (bit-for-bit the same on any machine) and the small
-    test tokenizer, in the given shape (default: two layers of 256)."""
+def write_random_demo_checkpoint(out_dir: Path, seed: int = RANDOM_SEED,
+                                 dtype: DType = DType.FLOAT32, **shape: int) -> Path:
+    """A GLM with seeded random weights (bit-for-bit the same on any machine) in `dtype` and
+    the small test tokenizer, in the given shape (default: two layers of 256)."""
     config = GLMConfig(**{**RANDOM_SHAPE, **shape})
     with resources.as_file(resources.files("pipeline.glm") / "demo_tokenizer") as tokenizer:
-        return write_random_checkpoint(out_dir, config, tokenizer, seed)
+        return write_random_checkpoint(out_dir, config, tokenizer, seed, dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from enum import StrEnum
+from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,8 +34,9 @@ class MultiMask(StrEnum):
     SEQUENTIAL = "sequential"
 
 
-class SamplingParams(BaseModel):
-    """Per-blank decoding settings; the one definition of their defaults and bounds."""
+class SamplingSettings(BaseModel):
+    """Per-blank decoding settings that a job (`sampling:`) or `fill` chooses; the one
+    definition of their defaults and bounds."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -48,7 +50,7 @@ class SamplingParams(BaseModel):
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def for_row(self, *identity: object) -> SamplingParams:
+    def for_row(self, *identity: object) -> Self:
         """These settings with a seed of the row's own, derived from `seed` and the row's
         identity (SHA-256, the same in every process): reproducible, independent of batching,
         and different rows sample independently. Unchanged without a seed."""
@@ -57,6 +59,15 @@ class SamplingParams(BaseModel):
         text = "\x00".join(str(part) for part in (self.seed, *identity))
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
         return self.model_copy(update={"seed": int.from_bytes(digest[:8], "big") >> 1})
+
+
+class SamplingParams(SamplingSettings):
+    """What an engine is asked per blank: the settings, and `ignore_eos`, which only benchmarks
+    set. It is not a setting of jobs or `fill`: a job's `sampling:` section and `fill`'s flags
+    are the `SamplingSettings`, so job configs (and their hashes) never hold it."""
+
+    ignore_eos: bool = Field(False, description="keep generating past stop tokens until "
+                             "max_new_tokens (benchmarks, like vLLM's --ignore-eos)")
 
 
 @dataclasses.dataclass(frozen=True)

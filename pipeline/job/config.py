@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.engines import engine_options
 from pipeline.engines.base import EngineName
 from pipeline.glm.checkpoint import DType
-from pipeline.glm.requests import MultiMask, SamplingParams
+from pipeline.glm.requests import MultiMask, SamplingParams, SamplingSettings
 from pipeline.job.policies import Policy
 from pipeline.job.retry import RetryPolicy
 from pipeline.job.storage import SourceFormat, StorageConfig
@@ -123,8 +123,9 @@ class ModelConfig(_Section):
         return self
 
 
-class SamplingConfig(SamplingParams):
-    """The per-blank settings of `SamplingParams` plus how several blanks are filled."""
+class SamplingConfig(SamplingSettings):
+    """The per-blank `SamplingSettings` plus how several blanks are filled. Not the engines'
+    `SamplingParams`: their benchmark-only `ignore_eos` is no job setting (an unknown key)."""
 
     multi_mask: MultiMask = MultiMask.ITERATIVE
 

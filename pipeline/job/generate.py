@@ -30,7 +30,7 @@ from pipeline.engines import make_engine
 from pipeline.glm.procedures import FillResult
 from pipeline.glm.requests import SamplingParams
 from pipeline.job.config import JobConfig, model_dir
-from pipeline.job.rows import node_id, to_block
+from pipeline.job.rows import node_id, release_freed_memory, to_block
 from pipeline.job.scoring import score_columns
 
 
@@ -55,6 +55,11 @@ class GenerateStage:
         self.worker = f"{node_id()}:{os.getpid()}"
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
+        block = await self._fill_block(batch)
+        release_freed_memory()  # the unit's rows are garbage now
+        return block
+
+    async def _fill_block(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = [row for row in rows if row["error_type"] is None]
         texts = [row["prompt"] for row in todo]

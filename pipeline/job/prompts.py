@@ -11,7 +11,7 @@ from pipeline.glm.checkpoint import load_config
 from pipeline.glm.tokenization import load_tokenizer
 from pipeline.job.config import JobConfig, model_dir
 from pipeline.job.policies import build_prompt
-from pipeline.job.rows import to_block
+from pipeline.job.rows import release_freed_memory, to_block
 from schemas.errors import ErrorType
 
 
@@ -32,6 +32,11 @@ class PromptStage:
         self.max_sequence_length = load_config(path).max_sequence_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        block = self._build_block(batch)
+        release_freed_memory()  # the unit's rows are garbage now
+        return block
+
+    def _build_block(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         for row in rows:
             if row["error_type"] is None:

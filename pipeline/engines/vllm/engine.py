@@ -355,7 +355,9 @@ class VLLMEngine(InfillEngine):
             max_tokens=params.max_new_tokens, temperature=params.temperature,
             top_k=params.top_k, top_p=params.top_p,
             seed=None if params.seed is None else params.seed + blank,  # blanks differ
-            stop_token_ids=self.stop_ids, logprobs=-1 if self.record_logits else None,
+            # ignore_eos: no stop at all, so that the span is max_new_tokens long ("length")
+            stop_token_ids=[] if params.ignore_eos else self.stop_ids,
+            ignore_eos=params.ignore_eos, logprobs=-1 if self.record_logits else None,
             detokenize=False,
         )
 

@@ -13,6 +13,7 @@ import torch
 from pipeline.engines.torch_engine import TorchEngine, choose_token
 from pipeline.glm.requests import SamplingParams, SpanRequest
 from tests.fixtures import FIXTURE_MODEL, fixture_cases, spliced
+from tests.unit.engines.vllm_helpers import random_requests, stopping_checkpoint, with_params
 
 CASES = fixture_cases()
 TEXTS = [c["text"] for c in CASES]
@@ -62,6 +63,22 @@ def test_max_new_tokens_caps_each_blank(torch_engine) -> None:
         assert (fill.finish_reason, len(fill.token_ids)) in {("length", 2), ("stop", 0),
                                                              ("stop", 1)}
     assert result.fills[0].finish_reason == "length"
+
+
+def test_ignore_eos_runs_every_span_to_max_new_tokens(tmp_path: Path) -> None:
+    """A stop token is then an ordinary token: the answer goes on past it."""
+    engine = TorchEngine(stopping_checkpoint(tmp_path))
+    requests = random_requests(engine.tokenizer, 12, seed=3)
+    stopped = engine.generate(with_params(requests, SamplingParams(max_new_tokens=12)))
+    fixed = engine.generate(with_params(requests, SamplingParams(max_new_tokens=12,
+                                                                 ignore_eos=True)))
+    assert "stop" in {reason for result in stopped for reason in result.finish_reasons}
+    for short, full in zip(stopped, fixed, strict=True):
+        assert [len(span) for span in full.spans] == [12] * len(full.spans)
+        assert set(full.finish_reasons) == {"length"} and set(full.stop_ids) == {None}
+        stop = short.stop_ids[0]
+        first = short.spans[0] + ([stop] if stop is not None else [])
+        assert full.spans[0][:len(first)] == first  # the same answer, on past its stop
 
 
 def test_bad_rows_get_errors_and_the_rest_are_filled(torch_engine) -> None:

@@ -48,6 +48,7 @@ from tests.unit.engines.vllm_helpers import (  # noqa: E402
     negative_control,
     random_requests,
     stopping_checkpoint,
+    with_params,
 )
 
 CASES = fixture_cases()
@@ -170,6 +171,26 @@ def test_async_rows_overlap_and_match(tiny_torch: TorchEngine, tiny_vllm: VLLMEn
         expected = tiny_torch.fill(texts, procedure, params)
         actual = asyncio.run(fill_all(procedure))
         assert [r.to_json() for r in actual] == [r.to_json() for r in expected]
+
+
+def test_ignore_eos_same_fixed_length_answers(tiny_torch: TorchEngine,
+                                             tiny_vllm: VLLMEngine) -> None:
+    """Answers that stop early without ignore_eos run to max_new_tokens with it, stop tokens
+    among them, and both engines give the same ones (requests and both procedures)."""
+    requests = random_requests(tiny_torch.tokenizer, 12, seed=3)
+    stopped = tiny_torch.generate(with_params(requests, SamplingParams(max_new_tokens=12)))
+    assert "stop" in {reason for result in stopped for reason in result.finish_reasons}
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    expected = tiny_torch.generate(with_params(requests, params))
+    assert compare(expected, tiny_vllm.generate(with_params(requests, params))) < TOLERANCE
+    spans = [span for result in expected for span in result.spans]
+    assert {len(span) for span in spans} == {12}
+    stop_ids = {tiny_torch.tokenizer.eop_id, tiny_torch.tokenizer.eos_id}
+    assert any(stop_ids & set(span) for span in spans)  # generated, and went on past them
+    for procedure in ("iterative", "sequential"):
+        fills = [r.to_json() for r in tiny_vllm.fill(TEXTS, procedure, params)]
+        assert fills == [r.to_json() for r in tiny_torch.fill(TEXTS, procedure, params)]
+        assert {len(fill["token_ids"]) for row in fills for fill in row["fills"]} == {12}
 
 
 @pytest.mark.parametrize("control", NEGATIVE_CONTROLS)

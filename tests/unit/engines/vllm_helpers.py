@@ -129,6 +129,11 @@ def random_requests(tokenizer: GLMTokenizer, count: int, seed: int = 0) -> list[
     return requests
 
 
+def with_params(requests: Sequence[SpanRequest], params: SamplingParams) -> list[SpanRequest]:
+    """The same contexts and blanks, asked with other sampling settings."""
+    return [SpanRequest(r.context_ids, r.blank_positions, params) for r in requests]
+
+
 def logprob_error(expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> float:
     """Largest |Δ log-softmax| over the steps of one answer (logits rows of both engines)."""
     assert len(expected) == len(actual)

@@ -13,7 +13,7 @@ import pytest
 from pipeline.cli import run_main
 from pipeline.engines.base import TorchOptions, VLLMOptions
 from pipeline.glm.demo import DEMO_NAME
-from pipeline.glm.requests import SamplingParams
+from pipeline.glm.requests import SamplingParams, SamplingSettings
 from pipeline.job.config import (
     ConfigError,
     JobConfig,
@@ -50,13 +50,19 @@ def test_defaults_and_single_path(tmp_path: Path) -> None:
     assert config.resources.actor_range == (1, 1)
 
 
-def test_sampling_is_the_engines_sampling_params() -> None:
+def test_sampling_is_the_engines_sampling_settings() -> None:
     config = validate({**MINIMAL, "sampling": {"max_new_tokens": 5, "seed": 7,
                                                "multi_mask": "sequential"}})
-    assert isinstance(config.sampling, SamplingParams)
+    assert isinstance(config.sampling, SamplingSettings)
     params = config.sampling.params()
     assert type(params) is SamplingParams
     assert params == SamplingParams(max_new_tokens=5, seed=7)  # without multi_mask
+
+
+def test_ignore_eos_is_no_job_setting() -> None:
+    """Benchmarks only (`glm-infill bench`): a job that sets it is refused, not hashed."""
+    with pytest.raises(ConfigError, match="sampling.ignore_eos: unknown key"):
+        validate({**MINIMAL, "sampling": {"ignore_eos": True}})
 
 
 def test_model_dir_and_name() -> None:
@@ -143,6 +149,17 @@ def test_overrides_are_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_bad_overrides(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         validate(apply_overrides(MINIMAL, [override]))
+
+
+def test_hash_of_a_fixed_config_is_unchanged() -> None:
+    """Outputs written before stay resumable: these hashes were computed before the engines'
+    sampling params gained `ignore_eos`."""
+    assert validate(MINIMAL).config_hash() == (
+        "ab3ead72127c5e3217dbaba166dc2201add1809c0cb4cf38698f72520a0ce79e")
+    sampling = {"max_new_tokens": 8, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "seed": 3,
+                "multi_mask": "sequential"}
+    assert validate({**MINIMAL, "sampling": sampling}).config_hash() == (
+        "a4bc10cc2e3072dd55a36bd3d573930b5eb58aed989f89034c55e6602c13a3a3")
 
 
 def test_hash_ignores_how_and_where_but_not_what() -> None:
