@@ -7,6 +7,7 @@ built on it) and are skipped with a message when the folder is absent; collectio
 from __future__ import annotations
 
 import json
+import os
 import re
 from functools import cache
 from pathlib import Path
@@ -25,6 +26,8 @@ FIXTURE_CASES = FIXTURES / "cases"
 DEMO_TOKENIZER = ROOT / "pipeline" / "glm" / "demo_tokenizer"
 NO_SHARED = f"needs the upstream fixtures in {FIXTURES} (../shared beside the repository)"
 needs_shared = pytest.mark.skipif(not FIXTURES.is_dir(), reason=NO_SHARED)
+# the device of the conformance tests' torch model and engine (benchmarks/gpu_check.py: cuda)
+TEST_DEVICE = os.environ.get("GLM_INFILL_TEST_DEVICE", "cpu")
 
 
 @cache
@@ -87,7 +90,7 @@ def torch_engine(shared_fixtures: Path):
     """The fixture model on the torch engine, recording step logits (conformance)."""
     from pipeline.engines.torch_engine import TorchEngine
 
-    return TorchEngine(FIXTURE_MODEL, record_logits=True)
+    return TorchEngine(FIXTURE_MODEL, device=TEST_DEVICE, record_logits=True)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import asyncio
 import threading
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,6 +63,10 @@ class VLLMOptions(EngineOptions):
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + answers "
                                       "(default: twice max_sequence_length)")
     attention_backend: str | None = Field(None, description="vLLM attention backend (CUDA)")
+    execution: Literal["auto", "eager", "compiled"] = Field(
+        "auto", description="eager: PyTorch eager mode; compiled: torch.compile, and CUDA "
+        "graphs on a GPU (a cold start compiles first); auto: eager on the CPU, compiled on "
+        "a GPU")
 
     @property
     def kv_cache_bytes(self) -> int | None:

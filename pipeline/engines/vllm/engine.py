@@ -7,6 +7,12 @@ request is the hub's single-blank call, and blank k of a multi-blank request see
 all earlier answers, as THUDM/GLM's `generate_samples.py` does. As there, the last token of an
 answer cut by `max_new_tokens` is never fed, so later blanks do not see it.
 
+On the CPU, prefix caching is on: the next blank of a `sequential` row reuses the cached K/V
+of the context and of the earlier answers (whole KV blocks), so each context is computed about
+once. Every request is salted with a hash of its context (`context_salt`), since a context
+token's K/V depend on the whole context. On a GPU the engine keeps it off (the attention op
+recomputes a context from the step's own keys there, pipeline/engines/vllm/attention.py).
+
 One background thread owns the vLLM `LLMEngine`: it adds submitted requests between engine
 steps, so new prompts join the running decodes (continuous batching) and every request
 finishes on its own. `agenerate` can be awaited from any event loop; `generate` is the
@@ -27,9 +33,11 @@ output of its processes is passed through a pipe while it starts and the cause r
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import concurrent.futures
+import hashlib
 import itertools
 import json
 import os
@@ -65,10 +73,12 @@ from schemas.errors import ErrorType
 # stdout carries results (the CLI's JSON lines): vLLM logs to stderr unless told otherwise.
 # Read once, when vllm is first imported (the next line, unless the caller imported it).
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+from pipeline.engines.vllm import attention  # noqa: E402
 from pipeline.engines.vllm.model import mark_piece_start  # noqa: E402
 
 DEFAULT_CPU_KV_CACHE_SHARE = 0.1  # of the memory available when the engine starts
 DEFAULT_CPU_KV_CACHE_MAX = 4 * GiB  # per rank
+CPU_KV_BLOCK = 32  # tokens per KV block on the CPU: the CPU kernel's smallest (vLLM: 128)
 # A vLLM log line starts "(Worker pid=1) ERROR 11-29 18:20:42 [file.py:953] "; an exception
 # line is "ValueError: message"; vLLM's own exceptions for a failure in another of its
 # processes say "see ... root cause" (above, in that process's output).
@@ -127,6 +137,13 @@ def start_error(err: Exception, output: Sequence[str]) -> EngineStartError:
     return kind(f"vLLM did not start: {cause}")
 
 
+def context_salt(context_ids: Sequence[int]) -> str:
+    """vLLM's `cache_salt` for the requests of one context: cached KV is reused only between
+    prompts of the same whole context, since a context token's K/V depend on all of it (two
+    texts that share their first tokens do not share those tokens' K/V)."""
+    return hashlib.blake2b(array.array("q", context_ids).tobytes(), digest_size=16).hexdigest()
+
+
 class _StderrTail:
     """Passes file descriptor 2 of this process, and of every process started meanwhile, through
     a pipe: all of it still reaches stderr, and the last lines are kept. Processes started
@@ -180,11 +197,11 @@ class _StepLoop:
         self.thread = threading.Thread(target=self._run, name="glm-vllm-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, prompt_ids: list[int], params) -> concurrent.futures.Future:
+    def submit(self, prompt, params) -> concurrent.futures.Future:
         if self.error is not None:
             raise RuntimeError(f"the vLLM engine stopped: {self.error}") from self.error
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self.inbox.put((future, prompt_ids, params))
+        self.inbox.put((future, prompt, params))
         return future
 
     def stop(self) -> None:
@@ -213,15 +230,12 @@ class _StepLoop:
                 future.set_exception(error)
 
     def _run(self) -> None:
-        from vllm.inputs import TokensPrompt
-
         try:
             while (items := self._take()) is not None:
-                for future, prompt_ids, params in items:
+                for future, prompt, params in items:
                     request_id = str(next(self.ids))
                     try:
-                        self.engine.add_request(
-                            request_id, TokensPrompt(prompt_token_ids=prompt_ids), params)
+                        self.engine.add_request(request_id, prompt, params)
                     except Exception as err:  # a bad request fails alone
                         self._fail([future], InfillError(ErrorType.REJECTED,
                                                         f"vLLM rejected it: {err}"))
@@ -247,7 +261,7 @@ class _StepLoop:
         for output in self.engine.step():
             future = self.pending.pop(output.request_id, None) if output.finished else None
             if future is not None and not future.done():
-                future.set_result(output.outputs[0])
+                future.set_result(output)
 
 
 class VLLMEngine(InfillEngine):
@@ -281,6 +295,8 @@ class VLLMEngine(InfillEngine):
         # a sequential request's last blank holds the context and every earlier answer
         self.max_model_len = options.max_model_len or 2 * self.max_sequence_length
         self.stop_ids = [self.tokenizer.eop_id, self.tokenizer.eos_id]
+        # prompt tokens sent, and those whose K/V vLLM found in its prefix cache
+        self.prompt_tokens = self.cached_prompt_tokens = 0
 
         envs.disable_envs_cache()  # an earlier in-process engine froze them; read them afresh
         self._in_process = not envs.VLLM_ENABLE_V1_MULTIPROCESSING
@@ -288,6 +304,10 @@ class VLLMEngine(InfillEngine):
             raise RuntimeError("another in-process vLLM engine is open in this process: close "
                                "it first, or set VLLM_ENABLE_V1_MULTIPROCESSING=1")
         register()  # this process parses the derived config; vLLM loads the plugin elsewhere
+        # the op reads a context from the paged cache on the CPU only (attention.py)
+        self.prefix_caching = attention.reads_paged_cache(platform)
+        compiled = options.execution == "compiled" or (options.execution == "auto"
+                                                       and platform != "cpu")
         self._config_dir = tempfile.mkdtemp(prefix="glm-infill-vllm-")
         (Path(self._config_dir) / "config.json").write_text(
             json.dumps(derived_config(self.config, self.max_model_len), indent=2))
@@ -296,8 +316,14 @@ class VLLMEngine(InfillEngine):
             dtype=str(dtype), seed=0, max_model_len=self.max_model_len,
             max_num_seqs=options.max_num_seqs,
             max_num_batched_tokens=max(self.max_model_len, 2048),
-            enable_chunked_prefill=False, enable_prefix_caching=False,  # whole prompts per step
-            enforce_eager=True,  # the prompt-attention override runs in Python, per request
+            # a chunk could end inside a context that reads itself bidirectionally
+            enable_chunked_prefill=False,
+            enable_prefix_caching=self.prefix_caching,
+            # prefix caching reuses whole KV blocks: small ones reuse more of a context
+            block_size=CPU_KV_BLOCK if self.prefix_caching else None,
+            enforce_eager=not compiled,
+            **({"compilation_config": {"splitting_ops": attention.SPLITTING_OPS}}
+               if compiled else {}),
             tensor_parallel_size=options.tensor_parallel_size,
             gpu_memory_utilization=options.gpu_memory_utilization,
             kv_cache_memory_bytes=options.kv_cache_bytes,
@@ -369,13 +395,20 @@ class VLLMEngine(InfillEngine):
     async def agenerate(self, request: SpanRequest) -> SpanResult:
         """Fill one request's blanks in order; awaitable from any event loop."""
         self.check(request)
+        from vllm.inputs import TokensPrompt
+
         result = SpanResult([], [], [], [] if self.record_logits else None)
         prompt = list(request.context_ids)
+        salt = {"cache_salt": context_salt(prompt)} if self.prefix_caching else {}
         for blank, position in enumerate(request.blank_positions):
             prompt.append(mark_piece_start(self.tokenizer.sop_id, position,
                                            self.config.vocab_size))
             sampling = self._sampling(request.params, blank)
-            output = await asyncio.wrap_future(self._loop.submit(list(prompt), sampling))
+            finished = await asyncio.wrap_future(self._loop.submit(
+                TokensPrompt(prompt_token_ids=list(prompt), **salt), sampling))
+            self.prompt_tokens += len(prompt)
+            self.cached_prompt_tokens += finished.num_cached_tokens or 0
+            output = finished.outputs[0]
             tokens = list(output.token_ids)
             stop = tokens[-1] if output.finish_reason == "stop" else None
             span = tokens[:-1] if stop is not None else tokens

@@ -12,11 +12,10 @@ How GLM's blank infilling maps onto vLLM (docs/glm.md, "GLM inside vLLM"):
   `position * stride + block_position` (stride a power of two above the position table).
   Generated tokens get `index + delta`; the per-request delta continues (blank position,
   next block position), so decoding needs nothing from us.
-* Attention is vLLM's ordinary causal `Attention` (paged KV cache, decode kernels untouched).
-  For prompt rows only, the output is replaced by one computed with GLM's mask: key j is
-  visible to query i iff block_j = 0, or block_i > 0 and j <= i. A decode row (one new token)
-  sees every cached key, which is exactly GLM's pattern. This needs whole prompts in one step:
-  the engine turns chunked prefill and prefix caching off, and a partial prefill raises.
+* Attention is one registered op (`pipeline/engines/vllm/attention.py`) over vLLM's paged KV
+  cache: GLM's mask (key j visible to query i iff block_j = 0, or block_i > 0 and j <= i) is
+  causal attention for every row but the context's, which read the whole context. The op
+  keeps the model compilable: torch.compile on the CPU, piecewise CUDA graphs on a GPU.
 * Numerics as the hub: K divided by sqrt(head_dim) before Q K^T (vLLM's scale is 1.0, the
   cache holds the divided K), scores * mask + (-65504) * (1 - mask), erf GELU, LayerNorm
   eps 1e-5, logits tied to the word embedding.
@@ -30,9 +29,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import (
     ColumnParallelLinear,
@@ -45,9 +44,9 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.utils import maybe_prefix
 
+from pipeline.engines.vllm import attention  # noqa: F401  registers torch.ops.glm_infill.attention
 from pipeline.engines.vllm.plugin import glm_config
 from pipeline.glm.checkpoint import LAYER_NORM_EPS, WEIGHTS_PREFIX, GLMConfig
-from pipeline.glm.modeling import MASK_FILL
 
 
 def position_stride(config: GLMConfig) -> int:
@@ -104,40 +103,10 @@ class GLMAttention(nn.Module):
         qkv, _ = self.query_key_value(x)
         q, k, v = qkv.split(self.local_size, dim=-1)
         k = k / math.sqrt(self.head_dim)  # the hub's order: K scaled before Q K^T
-        out = self.attn(q, k, v)
-        self._prompt_attention(out, q, k, v, block)
+        out = torch.empty_like(q)
+        torch.ops.glm_infill.attention(q, k, v, out, block, self.attn.layer_name)
         out, _ = self.dense(out)
         return out
-
-    def _prompt_attention(self, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                          v: torch.Tensor, block: torch.Tensor) -> None:
-        """Overwrite the prompt rows of `out` with GLM-masked attention over the prompt."""
-        metadata = get_forward_context().attn_metadata
-        if metadata is None:  # profiling / warm-up runs without requests
-            return
-        if isinstance(metadata, list):
-            raise NotImplementedError("GLM prompt attention does not support micro-batching")
-        layer = metadata[self.attn.layer_name]
-        starts = layer.query_start_loc.tolist()
-        for request, seq_len in enumerate(layer.seq_lens.tolist()):
-            start, end = starts[request], starts[request + 1]
-            length = end - start
-            if length <= 1:
-                continue  # a decode step: causal attention over the cache is GLM's pattern
-            if length != seq_len:
-                raise RuntimeError(f"partial prefill ({length} of {seq_len} tokens): GLM needs "
-                                   "chunked prefill and prefix caching off")
-            rows = block[start:end]
-            index = torch.arange(length, device=rows.device)
-            visible = (rows[None, :] == 0) | ((rows[:, None] > 0)
-                                              & (index[None, :] <= index[:, None]))
-            heads = [t[start:end].view(length, self.num_heads, self.head_dim).transpose(0, 1)
-                     for t in (q, k, v)]
-            scores = torch.matmul(heads[0], heads[1].transpose(-1, -2))
-            mask = visible.to(scores.dtype)
-            scores = scores * mask + MASK_FILL * (1.0 - mask)
-            context = torch.matmul(F.softmax(scores, dim=-1), heads[2])
-            out[start:end] = context.transpose(0, 1).reshape(length, self.local_size)
 
 
 class GLMMLP(nn.Module):
@@ -179,6 +148,7 @@ class GLMTransformer(nn.Module):
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
 
 
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "inputs_embeds": 0})
 class GLMInfillForCausalLM(nn.Module, SupportsMRoPE):
     """GLM (hub layout) as a vLLM decoder; 2D positions arrive packed in the M-RoPE rows."""
 

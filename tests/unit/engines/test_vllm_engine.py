@@ -25,6 +25,7 @@ from pipeline.engines.base import (  # noqa: E402
 )
 from pipeline.engines.torch_engine import TorchEngine  # noqa: E402
 from pipeline.engines.vllm.engine import (  # noqa: E402
+    CPU_KV_BLOCK,
     VLLMEngine,
     default_cpu_kv_cache_bytes,
     start_error,
@@ -45,8 +46,10 @@ from tests.unit.engines.vllm_helpers import (  # noqa: E402
     compare,
     environment,
     first_step_error,
+    logprob_error,
     negative_control,
     random_requests,
+    shared_start_requests,
     stopping_checkpoint,
     with_params,
 )
@@ -208,6 +211,90 @@ def test_negative_controls_fail(control: str, slot: EngineSlot, stopping_model: 
     with pytest.raises(AssertionError):
         assert compare(expected, actual) < TOLERANCE
     assert first_step_error(expected, actual) > 100 * TOLERANCE
+
+
+# -- prefix caching (CPU) -----------------------------------------------------------------------
+
+def test_prefix_cache_reuse_is_exact(tiny_torch: TorchEngine, tiny_vllm: VLLMEngine) -> None:
+    """Blanks 2 and 3 of a row reuse the cached K/V of whole KV blocks (32 tokens), and a
+    prompt's last cached block may end inside its context (192 of 200): the context's other
+    rows are then computed reading the cached keys. The answers equal the torch engine's."""
+    requests = shared_start_requests(tiny_torch.tokenizer, 6)
+    expected = tiny_torch.generate(requests)
+    actual = []
+    for request in requests:  # one after another: earlier rows are in the cache
+        before = tiny_vllm.cached_prompt_tokens
+        actual.append(tiny_vllm.generate([request])[0])
+        # blank k + 1 finds the whole KV blocks of blank k's prompt and its 7 fed tokens
+        # (8 generated, the last never fed), and nothing of the other rows
+        reusable = [len(request.context_ids) + 8 * k + 1 + 7 for k in range(2)]
+        assert tiny_vllm.cached_prompt_tokens - before == sum(
+            n // CPU_KV_BLOCK * CPU_KV_BLOCK for n in reusable)
+    # some rows' blank 2 found cached K/V that end inside the context
+    assert any((len(r.context_ids) + 8) // CPU_KV_BLOCK * CPU_KV_BLOCK < len(r.context_ids)
+               for r in requests)
+    assert compare(expected, actual) < TOLERANCE
+
+
+def test_padded_context_path_matches_torch(slot: EngineSlot, stopping_model: Path,
+                                          tiny_torch: TorchEngine,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path for devices other than the CPU (causal attention by the backend, then the
+    context rows recomputed in one padded batch, prefix caching off), forced on the CPU."""
+    from pipeline.engines.vllm import attention
+
+    monkeypatch.setattr(attention, "reads_paged_cache", lambda device_type: False)
+    requests = [*random_requests(tiny_torch.tokenizer, 20, seed=4),
+                *shared_start_requests(tiny_torch.tokenizer, 3)]
+    expected = tiny_torch.generate(requests)
+    try:
+        padded = slot.get(stopping_model, control="padded")
+        assert not padded.prefix_caching
+        actual = padded.generate(requests)
+        assert padded.cached_prompt_tokens == 0
+    finally:
+        slot.close()
+    assert compare(expected, actual) < TOLERANCE
+
+
+def test_compiled_matches_torch(slot: EngineSlot, stopping_model: Path,
+                               tiny_torch: TorchEngine) -> None:
+    """`execution: compiled` (torch.compile of the whole model; on a GPU also CUDA graphs):
+    the attention op stays in the graph, so the answers are the torch engine's. A Python
+    attention override would be traced once without requests and left out, silently."""
+    requests = [*random_requests(tiny_torch.tokenizer, 12, seed=5),
+                *shared_start_requests(tiny_torch.tokenizer, 2)]
+    expected = tiny_torch.generate(requests)
+    slot.close()
+    with environment(**IN_PROCESS, VLLM_DISABLE_COMPILE_CACHE="1"):
+        engine = VLLMEngine(stopping_model, record_logits=True,
+                            options=VLLMOptions(max_num_seqs=4, execution="compiled"))
+    try:
+        assert not engine._loop.engine.vllm_config.model_config.enforce_eager
+        actual = engine.generate(requests)
+    finally:
+        engine.close()
+    assert compare(expected, actual) < TOLERANCE
+
+
+def test_unsalted_prefix_cache_fails(slot: EngineSlot, stopping_model: Path,
+                                     tiny_torch: TorchEngine,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: without the per-context salt, a text that shares its first 160 ids
+    with an earlier one reuses K/V that the earlier text's end shaped (GLM's context is
+    bidirectional), and its logits are off by far more than the tolerance."""
+    from pipeline.engines.vllm import engine
+
+    requests = shared_start_requests(tiny_torch.tokenizer, 2, seed=1)
+    expected = tiny_torch.generate(requests)
+    monkeypatch.setattr(engine, "context_salt", lambda context_ids: "one salt for all")
+    try:
+        unsalted = slot.get(stopping_model, control="unsalted")
+        actual = [unsalted.generate([request])[0] for request in requests]
+    finally:
+        slot.close()
+    assert logprob_error(expected[0].step_logits[0], actual[0].step_logits[0]) < TOLERANCE
+    assert first_step_error(expected[1:], actual[1:]) > 100 * TOLERANCE
 
 
 # -- sampling, limits, errors ------------------------------------------------------------------

@@ -81,11 +81,11 @@ def negative_control(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     engine core builds its model here, so an engine created afterwards runs the patched
     code): `causal` keeps vLLM's causal attention for prompts (no GLM prompt mask), `1d`
     zeroes the block-position embedding after loading (block positions ignored)."""
-    from pipeline.engines.vllm import model
+    from pipeline.engines.vllm import attention, model
 
-    if name == "causal":
-        monkeypatch.setattr(model.GLMAttention, "_prompt_attention",
-                            lambda self, out, q, k, v, block: None)
+    if name == "causal":  # no row is a context row: every segment causal
+        monkeypatch.setattr(attention, "context_rows",
+                            lambda block, starts: torch.zeros_like(starts[1:]))
     elif name == "1d":
         load_weights = model.GLMInfillForCausalLM.load_weights
 
@@ -126,6 +126,24 @@ def random_requests(tokenizer: GLMTokenizer, count: int, seed: int = 0) -> list[
         ids = [tokenizer.cls_id, *body, tokenizer.eos_id]
         params = SamplingParams(max_new_tokens=rng.randint(1, 10))
         requests.append(SpanRequest(ids, [s + 1 for s in slots], params))
+    return requests
+
+
+def shared_start_requests(tokenizer: GLMTokenizer, count: int, shared: int = 160,
+                          seed: int = 0) -> list[SpanRequest]:
+    """Contexts of 190-250 ids whose first `shared` ids are the same, three masks each after
+    them; 8 new tokens a blank, stop tokens ignored."""
+    rng = random.Random(seed)
+    start = [tokenizer.cls_id, *(rng.randrange(5, 1000) for _ in range(shared - 1))]
+    requests = []
+    for _ in range(count):
+        tail = [rng.randrange(5, 1000) for _ in range(rng.randint(190, 249) - shared)]
+        slots = sorted(rng.sample(range(len(tail)), 3))
+        for slot in slots:
+            tail[slot] = rng.choice(tokenizer.mask_token_ids)
+        requests.append(SpanRequest([*start, *tail, tokenizer.eos_id],
+                                    [shared + s for s in slots],
+                                    SamplingParams(max_new_tokens=8, ignore_eos=True)))
     return requests
 
 

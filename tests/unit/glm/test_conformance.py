@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from pipeline.glm.requests import SamplingParams, SpanRequest
 from tests.fixtures import (
     FIXTURE_CASES,
     FIXTURE_MODEL,
+    TEST_DEVICE,
     case_logits,
     fixture_cases,
     fixture_manifest,
@@ -34,15 +37,20 @@ CASE_IDS = [c["name"] for c in CASES]
 PARAMS = SamplingParams(max_new_tokens=MANIFEST.get("max_gen_length", 1))
 
 
+Forward = Callable[..., torch.Tensor]
+
+
 @pytest.fixture(scope="module")
-def model() -> GLMModel:
-    return GLMModel.from_pretrained(FIXTURE_MODEL)
+def model() -> Forward:
+    """The fixture model's forward on TEST_DEVICE: inputs moved there, logits back."""
+    glm = GLMModel.from_pretrained(FIXTURE_MODEL, device=TEST_DEVICE)
+    return lambda *tensors: glm(*(t.to(TEST_DEVICE) for t in tensors)).cpu()
 
 
 def max_error(actual: list[torch.Tensor] | torch.Tensor, expected: np.ndarray) -> float:
     actual = torch.stack(actual) if isinstance(actual, list) else actual
     assert tuple(actual.shape) == expected.shape
-    return float((actual.float() - torch.from_numpy(expected)).abs().max())
+    return float((actual.float().cpu() - torch.from_numpy(expected)).abs().max())
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -63,7 +71,7 @@ def test_hub_single_blank_layout(case: dict, tokenizer) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_full_forward_logits(case: dict, model: GLMModel) -> None:
+def test_full_forward_logits(case: dict, model: Forward) -> None:
     single = case["hf_single"]
     length = len(single["input_ids"])
     ids = torch.tensor([single["input_ids"]])
@@ -133,7 +141,7 @@ def test_all_cases_batched_equal_one_by_one(torch_engine) -> None:
         assert max_error(result.step_logits[0], expected) < STEP_LOGIT_TOL
 
 
-def test_teacher_forced_batch(model: GLMModel) -> None:
+def test_teacher_forced_batch(model: Forward) -> None:
     batch = MANIFEST["teacher_forced_batch"]
     with torch.inference_mode():
         logits = model(torch.tensor(batch["input_ids"]), torch.tensor(batch["position_ids"]),
@@ -145,7 +153,7 @@ def test_teacher_forced_batch(model: GLMModel) -> None:
     assert abs(float(loss) - batch["loss"]) < 1e-5
 
 
-def test_default_forward_is_causal(model: GLMModel) -> None:
+def test_default_forward_is_causal(model: Forward) -> None:
     ids = torch.tensor([MANIFEST["default_forward"]["input_ids"]])
     n = ids.shape[1]
     positions = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)])[None]
@@ -156,7 +164,7 @@ def test_default_forward_is_causal(model: GLMModel) -> None:
     assert max_error(logits, expected) < LOGIT_TOL
 
 
-def test_a_wrong_attention_pattern_is_caught(model: GLMModel) -> None:
+def test_a_wrong_attention_pattern_is_caught(model: Forward) -> None:
     """Negative control: a causal context instead of GLM's bidirectional one fails 1e-5."""
     case = CASES[0]
     single = case["hf_single"]
