@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from pipeline.engines.torch_engine import TorchEngine, choose_token
+from pipeline.engines.torch_engine import TorchEngine, choose_token, prepacks
+from pipeline.glm.modeling import GLMModel, Linear, linear, prepacked
 from pipeline.glm.requests import SamplingParams, SpanRequest
-from tests.fixtures import FIXTURE_MODEL, fixture_cases, spliced
+from tests.fixtures import FIXTURE_MODEL, case_logits, fixture_cases, spliced
 from tests.unit.engines.vllm_helpers import random_requests, stopping_checkpoint, with_params
 
 CASES = fixture_cases()
@@ -104,6 +106,79 @@ def test_engine_runs_bf16(tiny_checkpoint: Path) -> None:
                                             SamplingParams(max_new_tokens=4))])
     assert engine.model.word_embeddings.weight.dtype == torch.bfloat16
     assert 1 <= len(result.spans[0]) + (result.stop_ids[0] is not None) <= 4
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64, 257])
+def test_prepacked_linear_equals_f_linear(rows: int) -> None:
+    """oneDNN on a prepacked weight is F.linear up to float32 summation order; in bfloat16,
+    up to bfloat16 rounding of the output."""
+    generator = torch.Generator().manual_seed(rows)
+    for inputs, outputs in ((768, 2304), (3072, 768), (100, 37)):
+        x = torch.randn(2, rows, inputs, generator=generator)
+        weight = torch.randn(outputs, inputs, generator=generator) / inputs ** 0.5
+        bias = torch.randn(outputs, generator=generator)
+        torch.testing.assert_close(linear(x, prepacked(weight), bias), F.linear(x, weight, bias),
+                                   rtol=1e-5, atol=1e-5)
+        assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            x, weight, bias = x.bfloat16(), weight.bfloat16(), bias.bfloat16()
+            exact = F.linear(x.double(), weight.double(), bias.double())
+            torch.testing.assert_close(linear(x, prepacked(weight), bias).double(), exact,
+                                       rtol=1e-2, atol=1e-2)
+
+
+def test_engine_prepacks_on_cpu_and_the_model_still_trains(shared_fixtures: Path) -> None:
+    """The engine's model runs prepacked; a model loaded as is keeps autograd (training)."""
+    engine = TorchEngine(FIXTURE_MODEL, device="cpu")
+    assert prepacks(torch.device("cpu"), torch.float32)
+    assert not prepacks(torch.device("cpu"), torch.float16)
+    assert not prepacks(torch.device("cuda"), torch.float32)
+    linears = [m for m in engine.model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight.is_mkldnn for m in linears)
+    assert engine.model.logits_weight is not None and engine.model.logits_weight.is_mkldnn
+
+    model = GLMModel.from_pretrained(FIXTURE_MODEL).train()
+    case = CASES[0]["hf_single"]
+    n = len(case["input_ids"])
+    logits = model(torch.tensor([case["input_ids"]]), torch.tensor([case["position_ids"]])
+                   [:, :, :n], torch.tensor([case["generation_attention_mask"]])[:, :n, :n])
+    logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_prepacked_full_forward_stays_near_the_fixtures(shared_fixtures: Path) -> None:
+    """Prepacked, the fixture's full forwards move by float32 GEMM summation order only: well
+    under the step-logit tolerance of the conformance tests (the fixture is itself 8.7e-5 from
+    a float64 run); a wrong weight layout would be off by far more."""
+    model = GLMModel.from_pretrained(FIXTURE_MODEL)
+    model.prepack()
+    for case in CASES:
+        single = case["hf_single"]
+        n = len(single["input_ids"])
+        with torch.inference_mode():
+            logits = model(torch.tensor([single["input_ids"]]),
+                           torch.tensor([single["position_ids"]])[:, :, :n],
+                           torch.tensor([single["generation_attention_mask"]])[:, :n, :n])[0]
+        expected = torch.from_numpy(case_logits(case, "full_forward_logits"))
+        assert float((logits - expected).abs().max()) < 5e-5
+
+
+def test_batch_of_64_equals_one_by_one(tmp_path: Path) -> None:
+    """Padding, finished rows kept in the batch, and compaction change no token, and logits
+    only by float32 noise: 64 requests of 3-200 ids whose answers stop at different steps."""
+    engine = TorchEngine(stopping_checkpoint(tmp_path), record_logits=True)
+    requests = random_requests(engine.tokenizer, 64, seed=5)
+    engine.max_batch_size = 64
+    together = engine.generate(requests)
+    engine.max_batch_size = 1
+    alone = engine.generate(requests)
+    assert len({sum(map(len, r.spans)) for r in together}) > 5  # rows finish at many steps
+    for batched, single in zip(together, alone, strict=True):
+        assert (batched.spans, batched.stop_ids, batched.finish_reasons) == (
+            single.spans, single.stop_ids, single.finish_reasons)
+        for steps, expected in zip(batched.step_logits, single.step_logits, strict=True):
+            torch.testing.assert_close(torch.stack(steps), torch.stack(expected),
+                                       rtol=1e-5, atol=1e-5)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
