@@ -14,6 +14,8 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from pipeline.cli.flags import add_model_flags, flag, usage_error
 from pipeline.engines.base import ENGINE_OPTIONS, EngineName
 from pipeline.glm.checkpoint import DType
@@ -39,6 +41,11 @@ def given_engine_options(args: argparse.Namespace, command: str,
     for engine, options in ENGINE_OPTIONS.items():
         given = {n: getattr(args, n) for n in options.model_fields if getattr(args, n) is not None}
         if engine in running:
+            try:
+                options.model_validate(given)
+            except ValidationError as err:
+                problem = err.errors()[0]
+                usage_error(command, f"{flag(str(problem['loc'][0]))}: {problem['msg']}")
             chosen[engine] = given
         elif given:
             flags = ", ".join(flag(n) for n in given)

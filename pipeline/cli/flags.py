@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Literal, NoReturn, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -52,4 +52,6 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
         help_text = field.description or ""
         if field.default is not None:
             help_text += f" (default: {field.default})"
-        group.add_argument(flag(name), dest=name, type=kind, default=default, help=help_text)
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
+        group.add_argument(flag(name), dest=name, type=kind, default=default, choices=choices,
+                           help=help_text)

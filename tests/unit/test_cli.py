@@ -134,7 +134,12 @@ def test_fill_usage_mistakes_exit_2(tiny_checkpoint: Path, tmp_path: Path) -> No
                 ("--input-file", "missing.txt"): "--input-file: No such file or directory",
                 ("--text-field", "body", "a [MASK]"): "--input-format and --text-field apply",
                 ("--device", "gpu", "a [MASK]"): "the torch engine did not start on device "
-                                                 "'gpu': RuntimeError: Expected one of cpu"}
+                                                 "'gpu': RuntimeError: Expected one of cpu",
+                # engine options out of range or not among their choices
+                ("--max-batch-size", "0", "a [MASK]"): "--max-batch-size: Input should be "
+                                                       "greater than or equal to 1",
+                ("--engine", "vllm", "--execution", "fast", "a [MASK]"):
+                    "argument --execution: invalid choice: 'fast'"}
     for args, message in mistakes.items():
         done = fill(*args, model=tiny_checkpoint, cwd=tmp_path)
         assert done.returncode == 2, args
