@@ -26,6 +26,8 @@ attention op (`SPLITTING_OPS`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,7 @@ from pipeline.glm.modeling import MASK_FILL
 
 LIBRARY = Library("glm_infill", "FRAGMENT")  # the op lives as long as this object
 SPLITTING_OPS = ["glm_infill::attention"]
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,14 +151,34 @@ def glm_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         impl.forward(layer, query, key, value, layer.kv_cache, metadata, output=output)
         return
     tokens = metadata.num_actual_tokens
-    segments = split_segments(block[:tokens], metadata.query_start_loc, metadata.seq_lens)
     if reads_paged_cache(query.device.type):
-        glm_metadata = _cpu_metadata(metadata, segments, layer, query.dtype)
+        glm_metadata = _STEP.get(metadata, lambda: _cpu_metadata(
+            metadata, split_segments(block[:tokens], metadata.query_start_loc,
+                                     metadata.seq_lens), layer, query.dtype))
         impl.forward(layer, query, key, value, layer.kv_cache, glm_metadata, output=output)
     else:
         impl.forward(layer, query, key, value, layer.kv_cache, metadata, output=output)
+        segments = split_segments(block[:tokens], metadata.query_start_loc, metadata.seq_lens)
         recompute_context_rows(output[:tokens], query[:tokens], key[:tokens], value[:tokens],
                                segments)
+
+
+class _StepCache:
+    """What one step's layers share, worked out by the first layer: every layer gets the
+    same attention metadata object for a step (one KV-cache group), and vLLM's CPU backend
+    builds a new one every step (other backends may reuse theirs: not cached there)."""
+
+    def __init__(self) -> None:
+        self._metadata: object = None
+        self._value: object = None
+
+    def get(self, metadata: object, make: Callable[[], T]) -> T:
+        if metadata is not self._metadata:
+            self._metadata, self._value = metadata, make()
+        return self._value  # type: ignore[return-value]
+
+
+_STEP = _StepCache()
 
 
 def _glm_attention_fake(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
