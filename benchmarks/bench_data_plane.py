@@ -46,10 +46,13 @@ class PeakMemory:
     cluster: GCS, raylet, workers; nothing of other clusters on the machine) every 0.5 s.
     `peak` sums PSS (each shared page split among the processes mapping it: torch's libraries
     and the object store are not counted once per process); `peak_rss` sums RSS, which counts
-    them again in every process."""
+    them again in every process. `parts` splits the peak PSS (Linux's smaps_rollup): `anon`
+    (heaps: Python, Arrow, torch), `file` (mapped libraries and files) and `shmem` (shared
+    memory: Ray's object store)."""
 
     def __enter__(self) -> PeakMemory:
         self.peak, self.peak_rss, self._stop = 0, 0, threading.Event()
+        self.parts: dict[str, int] = {}
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -57,19 +60,35 @@ class PeakMemory:
     def _sample(self) -> None:
         me = psutil.Process()
         while not self._stop.wait(0.5):
-            pss = rss = 0
+            total = {"pss": 0, "rss": 0, "anon": 0, "file": 0, "shmem": 0}
             processes = [me]
             with contextlib.suppress(psutil.Error):
                 processes += me.children(recursive=True)
             for process in processes:
-                with contextlib.suppress(psutil.Error):
-                    info = process.memory_full_info()
-                    pss, rss = pss + info.pss, rss + info.rss
-            self.peak, self.peak_rss = max(self.peak, pss), max(self.peak_rss, rss)
+                with contextlib.suppress(OSError):
+                    for name, kib in smaps_rollup(process.pid).items():
+                        total[name] += kib * 1024
+            if total["pss"] > self.peak:
+                self.peak, self.parts = total["pss"], total
+            self.peak_rss = max(self.peak_rss, total["rss"])
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+ROLLUP_FIELDS = {"Rss:": "rss", "Pss:": "pss", "Pss_Anon:": "anon", "Pss_File:": "file",
+                 "Pss_Shmem:": "shmem"}
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """A process's memory in KiB: RSS, PSS and PSS by kind (/proc/PID/smaps_rollup)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        name, _, rest = line.partition(" ")
+        if name in ROLLUP_FIELDS:
+            fields[ROLLUP_FIELDS[name]] = int(rest.split()[0])
+    return fields
 
 
 def texts(rows: int, seed: int = 0, words: tuple[int, int] = (20, 40)) -> list[str]:
@@ -133,7 +152,9 @@ def memory(args: argparse.Namespace, root: Path) -> None:
             first = baseline.setdefault(kind, peak.peak)
             print(f"{kind:<8} {rows:>9} rows: peak PSS {peak.peak / 2**30:5.2f} GiB "
                   f"({peak.peak / first:.2f}x its smallest run; RSS sum "
-                  f"{peak.peak_rss / 2**30:.2f} GiB), {seconds:6.0f} s, "
+                  f"{peak.peak_rss / 2**30:.2f} GiB; of the PSS: heaps "
+                  f"{peak.parts['anon'] / 2**30:.2f}, files {peak.parts['file'] / 2**30:.2f}, "
+                  f"object store {peak.parts['shmem'] / 2**30:.2f} GiB), {seconds:6.0f} s, "
                   f"{rows / seconds:7.0f} rows/s, {manifest['rows_ok']} ok, "
                   f"{manifest['parts_total']} parts")
 
