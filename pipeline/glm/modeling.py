@@ -47,6 +47,17 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor
+           ) -> torch.Tensor:
+    """The hub's masked attention of queries over keys already divided by sqrt(head_dim);
+    `masked` is True where a query may not attend (broadcast over the scores)."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    # bit for bit the hub's `scores * mask + MASK_FILL * (1 - mask)`: x * 1 + -0 = x and
+    # x * 0 + MASK_FILL = MASK_FILL, in one pass instead of four
+    scores = scores.masked_fill(masked, MASK_FILL)
+    return torch.matmul(F.softmax(scores, dim=-1), v)
+
+
 class KVCache:
     """Keys (already divided by sqrt(head_dim)) and values of every layer for a batch, in fixed
     slots; `length` slots are used."""
@@ -97,11 +108,7 @@ class GLMAttention(nn.Module):
         k = k / math.sqrt(self.head_dim)
         if cache is not None:
             k, v = cache.append(layer, k, v)
-        scores = torch.matmul(q, k.transpose(-1, -2))
-        # bit for bit the hub's `scores * mask + MASK_FILL * (1 - mask)`: x * 1 + -0 = x and
-        # x * 0 + MASK_FILL = MASK_FILL, in one pass instead of four
-        scores = scores.masked_fill(masked, MASK_FILL)
-        context = torch.matmul(F.softmax(scores, dim=-1), v)
+        context = attend(q, k, v, masked)
         return self.dense(context.transpose(1, 2).reshape(b, s, h))
 
 

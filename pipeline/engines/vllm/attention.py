@@ -30,12 +30,11 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch.library import Library
 from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from pipeline.glm.modeling import MASK_FILL
+from pipeline.glm.modeling import attend
 
 LIBRARY = Library("glm_infill", "FRAGMENT")  # the op lives as long as this object
 SPLITTING_OPS = ["glm_infill::attention"]
@@ -122,10 +121,7 @@ def recompute_context_rows(output: torch.Tensor, query: torch.Tensor, key: torch
     valid = offsets[None, :] < lengths[:, None]  # [prompts, width]
     rows = torch.where(valid, starts[:, None] + offsets[None, :], starts[:, None])
     q, k, v = (t[rows].transpose(1, 2) for t in (query, key, value))  # [prompts, heads, w, d]
-    scores = torch.matmul(q, k.transpose(-1, -2))
-    mask = valid[:, None, None, :].to(scores.dtype)
-    scores = scores * mask + MASK_FILL * (1.0 - mask)
-    attended = torch.matmul(F.softmax(scores, dim=-1), v).transpose(1, 2)
+    attended = attend(q, k, v, ~valid[:, None, None, :]).transpose(1, 2)
     output[rows[valid]] = attended[valid]
 
 
