@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline.engines import make_engine
+from pipeline.engines.openmp import restart_with_intel_openmp
 from pipeline.engines.throughput import measure, share_cores_with_vllm
 from pipeline.glm.checkpoint import DType
 from pipeline.glm.requests import MultiMask, SamplingParams
@@ -96,4 +97,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    restart_with_intel_openmp()  # the engines' OpenMP, as under `glm-infill bench`
     main()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.engines.openmp import restart_with_intel_openmp
 from pipeline.engines.throughput import measure
 from pipeline.engines.torch_engine import TorchEngine, prepacks
 from pipeline.glm.checkpoint import DType
@@ -125,4 +126,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    restart_with_intel_openmp()  # the engines' OpenMP, as under `glm-infill bench`
     main()

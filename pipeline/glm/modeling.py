@@ -27,12 +27,19 @@ from pipeline.glm.checkpoint import LAYER_NORM_EPS, GLMConfig, load_config, load
 MASK_FILL = -65504.0
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-           ) -> torch.Tensor:
-    """`F.linear`, on oneDNN when `weight` was prepacked for it (`prepacked`)."""
-    if weight.is_mkldnn:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           gelu: bool = False) -> torch.Tensor:
+    """`F.linear`, then erf GELU if `gelu`; on oneDNN when `weight` was prepacked for it
+    (`prepacked`). In float32 oneDNN applies the GELU to each output tile while it is in cache
+    (bit for bit the same values, one pass less over the widest activation); in other dtypes
+    it would apply it before rounding, which upstream does after, so there it stays apart."""
+    if not weight.is_mkldnn:
+        y = F.linear(x, weight, bias)
+    elif gelu and weight.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.gelu(y) if gelu else y
 
 
 def prepacked(weight: torch.Tensor) -> torch.Tensor:
@@ -43,8 +50,8 @@ def prepacked(weight: torch.Tensor) -> torch.Tensor:
 class Linear(nn.Linear):
     """nn.Linear whose weight may be prepacked for oneDNN (`GLMModel.prepack`)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, gelu)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.Tensor
@@ -119,7 +126,7 @@ class GLMMLP(nn.Module):
         self.dense_4h_to_h = Linear(4 * config.hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))  # exact erf GELU (hub)
+        return self.dense_4h_to_h(self.dense_h_to_4h(x, gelu=True))  # exact erf GELU (hub)
 
 
 class GLMBlock(nn.Module):

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from vllm.compilation.decorators import support_torch_compile
-from vllm.config import VllmConfig
+from vllm.config import CompilationMode, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.linear import (
@@ -43,9 +43,11 @@ from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmb
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.utils import maybe_prefix
+from vllm.platforms import current_platform
 
 from pipeline.engines.vllm import attention  # noqa: F401  registers torch.ops.glm_infill.attention
 from pipeline.engines.vllm.plugin import glm_config
+from pipeline.glm import modeling
 from pipeline.glm.checkpoint import LAYER_NORM_EPS, WEIGHTS_PREFIX, GLMConfig
 
 
@@ -117,10 +119,24 @@ class GLMMLP(nn.Module):
                                                   prefix=f"{prefix}.dense_h_to_4h")
         self.dense_4h_to_h = RowParallelLinear(4 * h, h, bias=True,
                                                prefix=f"{prefix}.dense_4h_to_h")
+        self.h_to_4h_gelu: torch.Tensor | None = None  # set by `fuse_gelu`
+
+    def fuse_gelu(self) -> None:
+        """Run h -> 4h with the GELU fused into oneDNN's GEMM (`modeling.linear`; bit for bit
+        the same in float32): this rank's weight shard moves to a prepacked copy, and vLLM's
+        own GEMM setup for the layer is skipped. Eager only: Inductor cannot lower the op."""
+        layer = self.dense_h_to_4h
+        self.h_to_4h_gelu = modeling.prepacked(layer.weight)
+        layer._cpu_skip_gemm_dispatch = True  # read by vLLM's process_weights_after_loading
+        layer.weight = nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = self.dense_h_to_4h(x)
-        x, _ = self.dense_4h_to_h(F.gelu(x))  # exact erf GELU (hub)
+        if self.h_to_4h_gelu is not None:
+            x = modeling.linear(x, self.h_to_4h_gelu, self.dense_h_to_4h.bias, gelu=True)
+        else:
+            x, _ = self.dense_h_to_4h(x)
+            x = F.gelu(x)  # exact erf GELU (hub)
+        x, _ = self.dense_4h_to_h(x)
         return x
 
 
@@ -164,6 +180,9 @@ class GLMInfillForCausalLM(nn.Module, SupportsMRoPE):
             prefix=maybe_prefix(prefix, "word_embeddings"))
         self.transformer = GLMTransformer(self.config, maybe_prefix(prefix, "transformer"))
         self.logits_processor = LogitsProcessor(self.vocab_size)
+        self.fuses_gelu = (current_platform.is_cpu() and torch.backends.mkldnn.is_available()
+                           and vllm_config.model_config.dtype == torch.float32
+                           and vllm_config.compilation_config.mode == CompilationMode.NONE)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list
                                   ) -> tuple[torch.Tensor, int]:
@@ -202,4 +221,7 @@ class GLMInfillForCausalLM(nn.Module, SupportsMRoPE):
             param = params[name]
             getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)
+        if self.fuses_gelu:
+            for layer in self.transformer.layers:
+                layer.mlp.fuse_gelu()
         return loaded

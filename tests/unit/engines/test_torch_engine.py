@@ -127,6 +127,24 @@ def test_prepacked_linear_equals_f_linear(rows: int) -> None:
                                        rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("rows", [1, 16, 257])
+def test_gelu_fused_into_the_prepacked_linear_is_bit_exact(rows: int) -> None:
+    """float32: oneDNN's fused erf GELU gives the very values of GELU after the GEMM. In
+    bfloat16 the fused GELU would see the unrounded sum (upstream rounds first), so there the
+    GELU stays a step of its own: exactly F.gelu of the output."""
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 768, generator=generator)
+    weight = torch.randn(3072, 768, generator=generator) / 768 ** 0.5
+    bias = torch.randn(3072, generator=generator)
+    for dtype in (torch.float32, torch.bfloat16):
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            continue
+        packed = prepacked(weight.to(dtype))
+        args = (x.to(dtype), packed, bias.to(dtype))
+        assert torch.equal(linear(*args, gelu=True), F.gelu(linear(*args)))
+    assert torch.equal(linear(x, weight, bias, gelu=True), F.gelu(F.linear(x, weight, bias)))
+
+
 def test_engine_prepacks_on_cpu_and_the_model_still_trains(shared_fixtures: Path) -> None:
     """The engine's model runs prepacked; a model loaded as is keeps autograd (training)."""
     engine = TorchEngine(FIXTURE_MODEL, device="cpu")
