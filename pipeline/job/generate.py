@@ -33,6 +33,8 @@ from pipeline.job.config import JobConfig, model_dir
 from pipeline.job.rows import node_id, release_freed_memory, to_block
 from pipeline.job.scoring import score_columns
 
+VLLM_CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+
 
 class GenerateStage:
     """Fills the prompts of a block; a row's own problem becomes that row's error."""
@@ -40,6 +42,11 @@ class GenerateStage:
     def __init__(self, config: dict[str, Any]):
         job = JobConfig.model_validate(config)
         model = job.model
+        # vLLM's CPU engine core pins its threads to every core of a NUMA node but one, unless
+        # told otherwise; an actor has a share of the node's CPUs (OMP_NUM_THREADS, set by Ray)
+        # and no cores of its own, so actors would pin to the same cores (and on 2 cores the
+        # model got 1: 136 output tok/s where the OS placing 2 threads gives 183)
+        os.environ.setdefault(VLLM_CPU_BIND, "nobind")
         # A batch engine runs one call at a time on its own thread: two units in flight
         # (ActorPoolStrategy) would otherwise compute at once on two pool threads, competing
         # for the same cores and growing the heap with every unit (glibc arenas: +3 MB a

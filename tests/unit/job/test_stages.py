@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +167,29 @@ def test_generate_stage_uses_the_config(small_model: Path) -> None:
     assert stage.engine.max_batch_size == 2 and stage.batch_size == 3
     assert stage.multi_mask == "sequential"
     assert stage.params == SamplingParams(max_new_tokens=3, seed=5)
+
+
+def test_generate_stage_loads_its_engine_on_the_engine_thread(
+        small_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread that fills also loads (GNU OpenMP keeps a thread team per computing thread),
+    and a vLLM engine core in the actor lets the OS place its threads unless the user said
+    otherwise."""
+    loaded_on = []
+
+    def make_engine(*args: Any) -> Any:
+        loaded_on.append(threading.current_thread().name)
+        return real_make_engine(*args)
+
+    real_make_engine = generate.make_engine
+    monkeypatch.setattr(generate, "make_engine", make_engine)
+    monkeypatch.delenv(generate.VLLM_CPU_BIND, raising=False)
+    stage = GenerateStage(job_config(small_model))
+    fill_thread = stage._engine_thread.submit(lambda: threading.current_thread().name).result()
+    assert loaded_on == [fill_thread] and fill_thread.startswith("engine")
+    assert os.environ[generate.VLLM_CPU_BIND] == "nobind"
+    monkeypatch.setenv(generate.VLLM_CPU_BIND, "0-1")
+    GenerateStage(job_config(small_model))
+    assert os.environ[generate.VLLM_CPU_BIND] == "0-1"  # the user's binding is kept
 
 
 def test_generate_stage_fills_a_block(torch_stage: GenerateStage, prompted: pa.Table) -> None:
