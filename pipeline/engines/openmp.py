@@ -26,9 +26,9 @@ OPENMP_RUNTIMES = ("libiomp", "libgomp", "libomp")  # one already preloaded is l
 SPIN_MS = "5"
 
 
-def intel_openmp() -> Path | None:
-    """This environment's `libiomp5.so` on x86-64 Linux, unless opted out."""
-    if os.environ.get(OPT_OUT, "1") == "0":
+def intel_openmp(environ: Mapping[str, str] = os.environ) -> Path | None:
+    """This environment's `libiomp5.so` on x86-64 Linux, unless `environ` opts out."""
+    if environ.get(OPT_OUT, "1") == "0":
         return None
     if sys.platform != "linux" or platform.machine() != "x86_64":
         return None
@@ -40,7 +40,7 @@ def intel_openmp_environment(environ: Mapping[str, str]) -> dict[str, str] | Non
     """The variables that start a process on Intel OpenMP, or None when there is nothing to
     change: the library first in `LD_PRELOAD`, and threads that spin at most `SPIN_MS` after
     a parallel region unless `KMP_BLOCKTIME` says otherwise."""
-    library = intel_openmp()
+    library = intel_openmp(environ)
     preload = environ.get("LD_PRELOAD", "")
     if library is None or any(runtime in preload for runtime in OPENMP_RUNTIMES):
         return None

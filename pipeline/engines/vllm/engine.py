@@ -202,7 +202,7 @@ class _StepLoop:
         self.thread = threading.Thread(target=self._run, args=(start, started),
                                        name="glm-vllm-engine", daemon=True)
         self.thread.start()
-        self.engine = started.result()
+        started.result()  # raises what stopped the engine from starting
 
     def submit(self, prompt, params) -> concurrent.futures.Future:
         if self.error is not None:
@@ -242,7 +242,7 @@ class _StepLoop:
         except BaseException as err:
             started.set_exception(err)
             return
-        started.set_result(self.engine)
+        started.set_result(None)
         try:
             while (items := self._take()) is not None:
                 for future, prompt, params in items:
