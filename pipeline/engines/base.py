@@ -23,6 +23,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.engines.onednn import bound_kernel_caches
 from pipeline.glm.checkpoint import GLMConfig
 from pipeline.glm.procedures import FillResult, Procedure, start_procedure
 from pipeline.glm.requests import (
@@ -141,6 +142,7 @@ class InfillEngine(abc.ABC):
     config: GLMConfig
 
     def __init__(self) -> None:
+        bound_kernel_caches()  # before the model loads: see onednn.py
         self._generate_lock = threading.Lock()
 
     @property

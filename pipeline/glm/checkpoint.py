@@ -14,8 +14,10 @@ import shutil
 from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only where tensors are made: a Ray worker that reads configs and
+    import torch  # tokenizers (reading, prompts, writing) does not pay ~1 s and ~150 MB for it
 
 WEIGHTS_PREFIX = "glm."
 LAYER_NORM_EPS = 1e-5  # hard-wired in GLM, not a config field
@@ -32,6 +34,8 @@ class DType(StrEnum):
 
     @property
     def torch(self) -> torch.dtype:
+        import torch
+
         return getattr(torch, self.value)
 
 
@@ -169,6 +173,8 @@ def weight_files(model_dir: str | Path) -> list[Path]:
 
 
 def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -214,8 +220,11 @@ def load_state_dict(model_dir: str | Path, config: GLMConfig | None = None,
 
 
 def random_state_dict(config: GLMConfig, seed: int = 0,
-                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Random weights in the checkpoint layout (normal(0, initializer_range), unit LayerNorms)."""
+                      dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Random weights in the checkpoint layout (normal(0, initializer_range), unit LayerNorms),
+    float32 unless `dtype` says otherwise."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for key, shape in expected_shapes(config).items():
@@ -223,7 +232,7 @@ def random_state_dict(config: GLMConfig, seed: int = 0,
             value = torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
         else:
             value = torch.randn(shape, generator=generator) * config.initializer_range
-        state[key] = value.to(dtype)
+        state[key] = value.to(dtype or torch.float32)
     return state
 
 
@@ -234,6 +243,8 @@ def save_checkpoint(state: dict[str, torch.Tensor], config: GLMConfig, out_dir: 
     fmt is "safetensors" or "bin"; `prefix` is "" (THUDM's conversion) or "glm."
     (`save_pretrained`); shards > 1 writes a sharded set with its index.
     """
+    import torch
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
