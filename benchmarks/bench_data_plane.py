@@ -48,11 +48,13 @@ class PeakMemory:
     and the object store are not counted once per process); `peak_rss` sums RSS, which counts
     them again in every process. `parts` splits the peak PSS (Linux's smaps_rollup): `anon`
     (heaps: Python, Arrow, torch), `file` (mapped libraries and files) and `shmem` (shared
-    memory: Ray's object store)."""
+    memory: Ray's object store); `by_process` the peak's PSS per process title (the driver,
+    `raylet`, `ray::IDLE`, a stage's actor), summed over the processes of one title."""
 
     def __enter__(self) -> PeakMemory:
         self.peak, self.peak_rss, self._stop = 0, 0, threading.Event()
         self.parts: dict[str, int] = {}
+        self.by_process: dict[str, int] = {}
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -61,15 +63,19 @@ class PeakMemory:
         me = psutil.Process()
         while not self._stop.wait(0.5):
             total = {"pss": 0, "rss": 0, "anon": 0, "file": 0, "shmem": 0}
+            by_process: dict[str, int] = {}
             processes = [me]
             with contextlib.suppress(psutil.Error):
                 processes += me.children(recursive=True)
             for process in processes:
-                with contextlib.suppress(OSError):
-                    for name, kib in smaps_rollup(process.pid).items():
+                with contextlib.suppress(OSError, psutil.Error):
+                    fields = smaps_rollup(process.pid)
+                    title = "driver" if process is me else process_title(process)
+                    by_process[title] = by_process.get(title, 0) + fields["pss"] * 1024
+                    for name, kib in fields.items():
                         total[name] += kib * 1024
             if total["pss"] > self.peak:
-                self.peak, self.parts = total["pss"], total
+                self.peak, self.parts, self.by_process = total["pss"], total, by_process
             self.peak_rss = max(self.peak_rss, total["rss"])
 
     def __exit__(self, *exc: object) -> None:
@@ -89,6 +95,14 @@ def smaps_rollup(pid: int) -> dict[str, int]:
         if name in ROLLUP_FIELDS:
             fields[ROLLUP_FIELDS[name]] = int(rest.split()[0])
     return fields
+
+
+def process_title(process: psutil.Process) -> str:
+    """What a process is: Ray's title of a worker (`ray::IDLE`, `ray::MapWorker(...)`), else
+    its program's name (`raylet`, `gcs_server`)."""
+    words = process.cmdline()
+    first = words[0] if words else process.name()
+    return first.split(" ")[0] if first.startswith("ray::") else Path(first).name
 
 
 def texts(rows: int, seed: int = 0, words: tuple[int, int] = (20, 40)) -> list[str]:
@@ -157,6 +171,9 @@ def memory(args: argparse.Namespace, root: Path) -> None:
                   f"object store {peak.parts['shmem'] / 2**30:.2f} GiB), {seconds:6.0f} s, "
                   f"{rows / seconds:7.0f} rows/s, {manifest['rows_ok']} ok, "
                   f"{manifest['parts_total']} parts")
+            largest = sorted(peak.by_process.items(), key=lambda item: -item[1])[:6]
+            print("    at the peak: " + ", ".join(f"{title} {pss / 2**20:.0f} MiB"
+                                                  for title, pss in largest))
 
 
 def tiny_model(root: Path) -> Path:
