@@ -113,11 +113,13 @@ def _model_config(args: argparse.Namespace) -> GLMConfig:
 
 
 def _texts(args: argparse.Namespace, model: Path) -> list[str]:
+    """The warm-up text, then the timed ones: of the same lengths, none the warm-up (vLLM's
+    prefix cache would hold it)."""
     from pipeline.glm.tokenization import TokenizerError, load_tokenizer
     from pipeline.glm.workload import fixed_length_texts
 
     try:
-        return fixed_length_texts(load_tokenizer(model), args.num_prompts, args.input_len,
+        return fixed_length_texts(load_tokenizer(model), args.num_prompts + 1, args.input_len,
                                   args.masks, args.seed)
     except TokenizerError as err:
         usage_error("bench", f"cannot load model: {err}")
@@ -141,7 +143,7 @@ def _measure(args: argparse.Namespace, engine: EngineName, options: dict[str, An
     with start_engine("bench", engine, model, args.dtype, args.device, options,
                       args.debug) as running:
         try:
-            return measure(running, texts, args.multi_mask, params)
+            return measure(running, texts[1:], args.multi_mask, params, warm_up=texts[0])
         except InfillError as err:
             usage_error("bench", f"the prompts cannot be filled: {err.error_type}: {err}")
 

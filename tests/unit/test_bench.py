@@ -156,3 +156,30 @@ def test_shapes() -> None:
     assert shape_config("glm-10b").hidden_size == 4096
     tokenizer_ids = len(load_tokenizer(DEMO_TOKENIZER))
     assert all(shape["vocab_size"] >= tokenizer_ids for shape in SHAPES.values())
+
+
+def test_the_warm_up_is_a_text_of_its_own(small_model: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's prefix cache would hand the timed run a warmed-up prompt for free: the bench's
+    warm-up is one more seeded text, filled first and not counted."""
+    from pipeline.cli.bench import _texts
+    from pipeline.engines.throughput import measure
+    from pipeline.engines.torch_engine import TorchEngine
+    from pipeline.glm.requests import MultiMask, SamplingParams
+
+    args = argparse.Namespace(num_prompts=3, input_len=20, masks=1, seed=0)
+    warm_up, *timed = _texts(args, small_model)
+    assert len(timed) == 3 and warm_up not in timed
+    engine = TorchEngine(small_model)
+    real, calls = engine.generate, []
+
+    def generate(requests):
+        calls.append(len(requests))
+        return real(requests)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    run = measure(engine, timed, MultiMask.ITERATIVE, SamplingParams(max_new_tokens=2,
+                                                                      ignore_eos=True),
+                  warm_up=warm_up)
+    assert calls == [1, 3]  # the warm-up alone, then the timed texts
+    assert run.output_tokens == 3 * 2
