@@ -175,6 +175,9 @@ class ResourcesConfig(_Section):
     num_cpus_per_actor: float = Field(0.5, gt=0)
     batch_size: int = Field(32, ge=1)
     max_in_flight: int = Field(64, ge=1)  # requests per actor (async engines)
+    # units per generate actor that may wait, read, in Ray's object store (backpressure.py);
+    # 0: Ray Data's own budget, a fraction of the object store
+    read_ahead_units: int = Field(4, ge=0)
 
     @field_validator("concurrency", mode="before")
     @classmethod

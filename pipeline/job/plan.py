@@ -101,6 +101,7 @@ class Unit:
     rows: int | None = None  # known from the Parquet footer
     committed: frozenset[int] = frozenset()
     size: int | None = None  # the file's size when planned: a changed file is a fault
+    data_bytes: int | None = None  # uncompressed bytes read (None: a compressed stream)
 
     @property
     def part(self) -> str:
@@ -129,16 +130,18 @@ def _parquet_units(uri: str, key: str, fs: pafs.FileSystem, path: str, unit_rows
     with fs.open_input_file(path) as handle:
         meta = pq.ParquetFile(handle).metadata
     units: list[Unit] = []
-    group, first, rows = 0, 0, 0
+    group, first, rows, data = 0, 0, 0, 0
     for rg in range(meta.num_row_groups):
         size = meta.row_group(rg).num_rows
         if rows and rows + size > unit_rows:
-            units.append(Unit(uri, key, SourceFormat.PARQUET, len(units), group, rg, first, rows))
-            group, first, rows = rg, first + rows, 0
+            units.append(Unit(uri, key, SourceFormat.PARQUET, len(units), group, rg, first, rows,
+                              data_bytes=data))
+            group, first, rows, data = rg, first + rows, 0, 0
         rows += size
+        data += meta.row_group(rg).total_byte_size
     if rows or not units:
         units.append(Unit(uri, key, SourceFormat.PARQUET, len(units), group,
-                          meta.num_row_groups, first, rows))
+                          meta.num_row_groups, first, rows, data_bytes=data))
     return units
 
 
@@ -161,7 +164,8 @@ def count_newlines(uri: str, storage: StorageConfig, start: int, stop: int) -> i
 
 def _jsonl_ranges(uri: str, key: str, size: int, unit_bytes: int) -> list[Unit]:
     bounds = list(range(0, size, unit_bytes)) or [0]
-    return [Unit(uri, key, SourceFormat.JSONL, i, start, min(start + unit_bytes, size))
+    return [Unit(uri, key, SourceFormat.JSONL, i, start, min(start + unit_bytes, size),
+                 data_bytes=min(start + unit_bytes, size) - start)
             for i, start in enumerate(bounds)]
 
 

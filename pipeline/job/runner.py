@@ -386,6 +386,7 @@ def build_dataset(config: JobConfig, units: list[Unit], config_hash: str, commit
     records); without `commit` the last stage only turns the rows into the output schema."""
     import ray.data
 
+    from pipeline.job.backpressure import bound_read_ahead, object_store_budget
     from pipeline.job.generate import GenerateStage
     from pipeline.job.prompts import PromptStage
     from pipeline.job.read import UnitDatasource
@@ -401,6 +402,8 @@ def build_dataset(config: JobConfig, units: list[Unit], config_hash: str, commit
     low, high = res.actor_range
     ds = ray.data.read_datasource(UnitDatasource(units, job, config_hash, commit),
                                   override_num_blocks=len(units), num_cpus=READ_CPUS)
+    # the dataset's own copy of the context: a few units wait between stages, not a file
+    bound_read_ahead(ds.context, object_store_budget(units, high, res.read_ahead_units))
     ds = ds.map_batches(PromptStage, fn_constructor_kwargs=stage_args, batch_size=None,
                         batch_format="pyarrow", num_cpus=PROMPT_CPUS,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=high))

@@ -22,8 +22,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from ray.data.context import DataContext
 
 from pipeline.cli import run_main
+from pipeline.job.backpressure import MIN_BUDGET
 from pipeline.job.runner import InfillJob, JobFailed
 from pipeline.job.storage import MANIFEST, OutputError
 from tests.e2e.ray_head import VLLM_CPU_ENV, RayHead, head_env
@@ -292,6 +294,11 @@ def test_results_as_a_lazy_dataset(ray_cluster: RayHead, small_model: Path,
     sections = job_sections(str(tmp_path / "in"), str(tmp_path / "out"), small_model,
                             sampling={"seed": 3, "temperature": 0.8})
     ds = InfillJob.from_kwargs(**sections).dataset()
+    # reading runs a few units ahead (backpressure.py): a budget of its own, the session's
+    # default context untouched
+    assert ds.context.execution_options.resource_limits.object_store_memory == MIN_BUDGET
+    assert DataContext.get_current().execution_options.resource_limits.object_store_memory \
+        == float("inf")
     ok = ds.filter(lambda row: row["error_type"] is None)  # lazy until counted
     assert ok.count() == sum(error is None for error in expected.values())
     rows = pa.Table.from_pylist(ds.take_all())

@@ -191,3 +191,49 @@ def test_a_file_changed_after_planning_is_a_fault(tmp_path: Path) -> None:
     path.write_text("\n".join(LINES[:3]) + "\n")
     with pytest.raises(OSError, match="changed since the job was planned"):
         list(UnitReader(unit, config.model_dump(mode="json"), "hash")())
+
+
+def test_units_know_the_bytes_they_read(tmp_path: Path) -> None:
+    """What sizes the read-ahead budget (backpressure.py): a JSONL range's bytes, a Parquet
+    unit's uncompressed row groups; a compressed stream's are unknown."""
+    lines = tmp_path / "in.jsonl"
+    lines.write_text("\n".join(LINES) + "\n")
+    size = lines.stat().st_size
+    config = job(tmp_path, [str(lines)], unit_bytes=size // 3 + 1)
+    assert sum(u.data_bytes for u in plan_units([str(lines)], config.source, set(),
+                                                set()).units) == size
+    table = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"text": [f"row {i} [MASK]" for i in range(1000)]}), table,
+                   row_group_size=100)
+    groups = pq.ParquetFile(table).metadata
+    config = job(tmp_path, [str(table)], unit_rows=250)
+    units = plan_units([str(table)], config.source, set(), set()).units
+    assert [u.data_bytes for u in units] == [
+        sum(groups.row_group(g).total_byte_size for g in range(u.start, u.stop)) for u in units]
+    archive = tmp_path / "in.jsonl.gz"
+    archive.write_bytes(gzip.compress(lines.read_bytes()))
+    assert plan_units([str(archive)], config.source, set(), set()).units[0].data_bytes is None
+
+
+def test_read_ahead_budget_follows_the_actors_and_the_largest_unit(tmp_path: Path) -> None:
+    from pipeline.job.backpressure import (
+        BLOCK_GROWTH,
+        MIN_BUDGET,
+        UNITS_IN_FLIGHT,
+        object_store_budget,
+    )
+
+    lines = tmp_path / "in.jsonl"
+    lines.write_bytes(b'{"text": "a [MASK]"}\n' * 2**20)  # 21 MiB: ranges of 8, 8, 5 MiB
+    config = job(tmp_path, [str(lines)], unit_bytes=8 * 2**20)
+    units = plan_units([str(lines)], config.source, set(), set()).units
+    per_actor = BLOCK_GROWTH * 8 * 2**20 * (UNITS_IN_FLIGHT + 4)
+    assert object_store_budget(units, 1, 4) == per_actor
+    assert object_store_budget(units, 3, 4) == 3 * per_actor
+    assert object_store_budget(units[-1:], 1, 0) is None  # Ray Data's own budget
+    assert object_store_budget(units[:0], 1, 4) is None
+    small = tmp_path / "small.jsonl"
+    small.write_bytes(b'{"text": "a [MASK]"}\n' * 20)
+    tiny = plan_units([str(small)], job(tmp_path, [str(small)], unit_bytes=100).source,
+                      set(), set()).units
+    assert object_store_budget(tiny, 1, 4) == MIN_BUDGET
