@@ -17,7 +17,7 @@ from ray.data.context import DataContext
 
 from pipeline.job.plan import Unit
 
-UNITS_IN_FLIGHT = 2  # per generate actor (runner.py: max_tasks_in_flight_per_actor)
+UNITS_IN_FLIGHT = 2  # per generate actor (the runner's max_tasks_in_flight_per_actor)
 # A unit's block, from read to written, per byte of input read (a 2.7 MiB JSONL unit: 6.5 MiB
 # read, 10 MiB with its prompts, more with its fills)
 BLOCK_GROWTH = 4

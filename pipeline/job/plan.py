@@ -164,9 +164,9 @@ def count_newlines(uri: str, storage: StorageConfig, start: int, stop: int) -> i
 
 def _jsonl_ranges(uri: str, key: str, size: int, unit_bytes: int) -> list[Unit]:
     bounds = list(range(0, size, unit_bytes)) or [0]
-    return [Unit(uri, key, SourceFormat.JSONL, i, start, min(start + unit_bytes, size),
-                 data_bytes=min(start + unit_bytes, size) - start)
-            for i, start in enumerate(bounds)]
+    stops = [*bounds[1:], size]
+    return [Unit(uri, key, SourceFormat.JSONL, i, start, stop, data_bytes=stop - start)
+            for i, (start, stop) in enumerate(zip(bounds, stops, strict=True))]
 
 
 def _number_lines(units: list[Unit], storage: StorageConfig) -> list[Unit]:

@@ -386,7 +386,7 @@ def build_dataset(config: JobConfig, units: list[Unit], config_hash: str, commit
     records); without `commit` the last stage only turns the rows into the output schema."""
     import ray.data
 
-    from pipeline.job.backpressure import bound_read_ahead, object_store_budget
+    from pipeline.job.backpressure import UNITS_IN_FLIGHT, bound_read_ahead, object_store_budget
     from pipeline.job.generate import GenerateStage
     from pipeline.job.prompts import PromptStage
     from pipeline.job.read import UnitDatasource
@@ -413,8 +413,8 @@ def build_dataset(config: JobConfig, units: list[Unit], config_hash: str, commit
         # Two units per actor at a time: an async engine takes the next unit's rows while
         # the last rows of the previous one decode.
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high,
-                                           max_tasks_in_flight_per_actor=2,
-                                           max_concurrent_calls_per_actor=2))
+                                           max_tasks_in_flight_per_actor=UNITS_IN_FLIGHT,
+                                           max_concurrent_calls_per_actor=UNITS_IN_FLIGHT))
     return ds.map_batches(write_units if commit else output_rows,
                           fn_kwargs={"job": job, "config_hash": config_hash},
                           batch_size=None, batch_format="pyarrow", num_cpus=WRITE_CPUS)
