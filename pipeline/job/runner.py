@@ -400,8 +400,14 @@ def build_dataset(config: JobConfig, units: list[Unit], config_hash: str, commit
     stage_args = {"config": job}
     res = config.resources
     low, high = res.actor_range
+    # As many reads and writes at once as generate actors (or units, if fewer): a unit is read
+    # or written in a fraction of the time it takes to fill, and each task that runs at once
+    # is a worker process Ray starts and keeps (uncapped, fractional CPUs let a 1M-row file
+    # start a dozen)
+    tasks = ray.data.TaskPoolStrategy(size=max(1, min(high, len(units))))
     ds = ray.data.read_datasource(UnitDatasource(units, job, config_hash, commit),
-                                  override_num_blocks=len(units), num_cpus=READ_CPUS)
+                                  override_num_blocks=len(units), num_cpus=READ_CPUS,
+                                  compute=tasks)
     # the dataset's own copy of the context: a few units wait between stages, not a file
     bound_read_ahead(ds.context, object_store_budget(units, high, res.read_ahead_units))
     ds = ds.map_batches(PromptStage, fn_constructor_kwargs=stage_args, batch_size=None,
@@ -417,7 +423,8 @@ def build_dataset(config: JobConfig, units: list[Unit], config_hash: str, commit
                                            max_concurrent_calls_per_actor=UNITS_IN_FLIGHT))
     return ds.map_batches(write_units if commit else output_rows,
                           fn_kwargs={"job": job, "config_hash": config_hash},
-                          batch_size=None, batch_format="pyarrow", num_cpus=WRITE_CPUS)
+                          batch_size=None, batch_format="pyarrow", num_cpus=WRITE_CPUS,
+                          compute=tasks)
 
 
 def default_config_path() -> Path:

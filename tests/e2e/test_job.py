@@ -21,6 +21,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import ray.data
 import yaml
 from ray.data.context import DataContext
 
@@ -299,6 +300,9 @@ def test_results_as_a_lazy_dataset(ray_cluster: RayHead, small_model: Path,
     assert ds.context.execution_options.resource_limits.object_store_memory == MIN_BUDGET
     assert DataContext.get_current().execution_options.resource_limits.object_store_memory \
         == float("inf")
+    # reads and writes: at most as many at once as generate actors (2 for 3 units), each one
+    # running at once is a worker process Ray keeps
+    assert task_pool_sizes(ds) == {"ReadUnit": 2, "MapBatches(output_rows)": 2}
     ok = ds.filter(lambda row: row["error_type"] is None)  # lazy until counted
     assert ok.count() == sum(error is None for error in expected.values())
     rows = pa.Table.from_pylist(ds.take_all())
@@ -308,6 +312,17 @@ def test_results_as_a_lazy_dataset(ray_cluster: RayHead, small_model: Path,
     InfillJob.from_kwargs(**sections).run()
     committed = {r["id"]: r["fills"] for r in read_output(tmp_path / "out").to_pylist()}
     assert {r["id"]: r["fills"] for r in rows.to_pylist()} == committed
+
+
+def task_pool_sizes(ds: ray.data.Dataset) -> dict[str, int | None]:
+    """The most tasks at once of each task-pool stage of a dataset's (logical) plan."""
+    sizes, ops = {}, [ds._logical_plan.dag]
+    while ops:
+        op = ops.pop()
+        if isinstance(getattr(op, "compute", None), ray.data.TaskPoolStrategy):
+            sizes[op.name] = op.compute.size
+        ops += op.input_dependencies
+    return sizes
 
 
 def test_engine_settings_refused_on_the_cluster_are_a_config_error(
