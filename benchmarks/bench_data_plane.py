@@ -8,11 +8,13 @@ Three measurements, each printed with its baseline from the same process:
 * `spread`: one file, concurrency 1 vs 2: rows/s of each and how many generate actors worked.
 * `overhead`: the whole job vs the engine alone on the same rows, random weights in the
   glm-small shape (pipeline/glm/workload.py), greedy, 32 new tokens; also with the demo
-  model. The job's time includes reading, prompts, the actor start and the part commits.
+  model. The job's time includes reading, prompts, the actor start, the model's load and the
+  part commits; the engine's is printed without and with its load. Once with the engine on
+  every core, once on every core but one.
 
     python -m benchmarks.bench_data_plane memory --rows 100000 1000000
     python -m benchmarks.bench_data_plane spread --rows 200000
-    python -m benchmarks.bench_data_plane overhead --rows 200
+    python -m benchmarks.bench_data_plane overhead --rows 1000
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
+import os
 import random
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -48,13 +54,15 @@ class PeakMemory:
     and the object store are not counted once per process); `peak_rss` sums RSS, which counts
     them again in every process. `parts` splits the peak PSS (Linux's smaps_rollup): `anon`
     (heaps: Python, Arrow, torch), `file` (mapped libraries and files) and `shmem` (shared
-    memory: Ray's object store); `by_process` the peak's PSS per process title (the driver,
-    `raylet`, `ray::IDLE`, a stage's actor), summed over the processes of one title."""
+    memory: Ray's object store); `by_process` the peak's PSS and number of processes per process
+    title (the driver, `raylet`, `ray::IDLE`, a stage's actor), summed over one title;
+    `peak_at` when the peak was, in seconds from the start."""
 
     def __enter__(self) -> PeakMemory:
         self.peak, self.peak_rss, self._stop = 0, 0, threading.Event()
         self.parts: dict[str, int] = {}
-        self.by_process: dict[str, int] = {}
+        self.by_process: dict[str, tuple[int, int]] = {}
+        self.peak_at, self._start = 0.0, time.perf_counter()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -63,7 +71,7 @@ class PeakMemory:
         me = psutil.Process()
         while not self._stop.wait(0.5):
             total = {"pss": 0, "rss": 0, "anon": 0, "file": 0, "shmem": 0}
-            by_process: dict[str, int] = {}
+            by_process: dict[str, tuple[int, int]] = {}
             processes = [me]
             with contextlib.suppress(psutil.Error):
                 processes += me.children(recursive=True)
@@ -71,11 +79,13 @@ class PeakMemory:
                 with contextlib.suppress(OSError, psutil.Error):
                     fields = smaps_rollup(process.pid)
                     title = "driver" if process is me else process_title(process)
-                    by_process[title] = by_process.get(title, 0) + fields["pss"] * 1024
+                    pss, count = by_process.get(title, (0, 0))
+                    by_process[title] = (pss + fields["pss"] * 1024, count + 1)
                     for name, kib in fields.items():
                         total[name] += kib * 1024
             if total["pss"] > self.peak:
                 self.peak, self.parts, self.by_process = total["pss"], total, by_process
+                self.peak_at = time.perf_counter() - self._start
             self.peak_rss = max(self.peak_rss, total["rss"])
 
     def __exit__(self, *exc: object) -> None:
@@ -135,6 +145,14 @@ def write_jsonl(path: Path, rows: int) -> Path:
     return path
 
 
+def written_apart(write: Callable[[Path, int], Path], path: Path, rows: int) -> Path:
+    """`write(path, rows)` in a process of its own: making a 1M-row file leaves this process's
+    heaps larger (freed Python and Arrow memory kept for reuse), which the measured driver
+    would otherwise carry into the job."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(write, path, rows).result()
+
+
 def run_job(source: Path, output: Path, model: Path, max_new_tokens: int,
             concurrency: int = 1, batch_size: int = 32, cpus_per_actor: float = 0.5
             ) -> tuple[dict, float]:
@@ -160,7 +178,7 @@ def memory(args: argparse.Namespace, root: Path) -> None:
         for kind, write in (("parquet", write_parquet), ("jsonl", write_jsonl)):
             if kind not in args.kinds:
                 continue
-            source = write(root / f"{kind}-{rows}.{kind}", rows)
+            source = written_apart(write, root / f"{kind}-{rows}.{kind}", rows)
             with PeakMemory() as peak:
                 manifest, seconds = run_job(source, root / f"out-{kind}-{rows}", model, 1)
             first = baseline.setdefault(kind, peak.peak)
@@ -171,9 +189,10 @@ def memory(args: argparse.Namespace, root: Path) -> None:
                   f"object store {peak.parts['shmem'] / 2**30:.2f} GiB), {seconds:6.0f} s, "
                   f"{rows / seconds:7.0f} rows/s, {manifest['rows_ok']} ok, "
                   f"{manifest['parts_total']} parts")
-            largest = sorted(peak.by_process.items(), key=lambda item: -item[1])[:6]
-            print("    at the peak: " + ", ".join(f"{title} {pss / 2**20:.0f} MiB"
-                                                  for title, pss in largest))
+            largest = sorted(peak.by_process.items(), key=lambda item: -item[1][0])[:6]
+            print(f"    at the peak ({peak.peak_at:.0f} s): " + ", ".join(
+                f"{title} {pss / 2**20:.0f} MiB" + (f" ({count})" if count > 1 else "")
+                for title, (pss, count) in largest))
 
 
 def tiny_model(root: Path) -> Path:
@@ -198,6 +217,8 @@ def spread(args: argparse.Namespace, root: Path) -> None:
 
 
 def overhead(args: argparse.Namespace, root: Path) -> None:
+    import torch
+
     models = {"glm-small (random)": write_shape_checkpoint(root / "glm-small", Shape.GLM_SMALL),
               "demo": demo_checkpoint()}
     rows = args.rows[0]
@@ -205,21 +226,39 @@ def overhead(args: argparse.Namespace, root: Path) -> None:
     corpus = [json.loads(line)["text"] for line in source.read_text().splitlines()]
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     print(f"{rows} rows, torch engine, greedy, up to {args.max_new_tokens} new tokens, "
-          f"batch {args.batch_size}")
-    for name, model in models.items():
-        with TorchEngine(model, options=TorchOptions(max_batch_size=args.batch_size)) as engine:
+          f"batch {args.batch_size}, {len(os.sched_getaffinity(0))} cores")
+    for threads in args.engine_threads or engine_thread_counts():
+        # the engine alone and the job's one engine get the same threads (Ray gives an actor
+        # of N CPUs N threads); with fewer threads than cores the rest run Ray's machinery
+        torch.set_num_threads(threads)
+        print(f"engine on {threads} thread(s):")
+        for name, model in models.items():
             start = time.perf_counter()
-            results = engine.fill(corpus, MultiMask.ITERATIVE, params)
-            alone = time.perf_counter() - start
-        tokens = sum(len(f.token_ids) for r in results for f in r.fills)
-        # the engine alone runs on every core: so does the job's one engine (2 CPUs of 4)
-        manifest, piped = run_job(source, root / f"out-{name[:4]}", model,
-                                  args.max_new_tokens, batch_size=args.batch_size,
-                                  cpus_per_actor=2.0)
-        assert manifest["output_tokens"] == tokens, (manifest["output_tokens"], tokens)
-        print(f"{name:<20} engine alone {tokens / alone:7.1f} out tok/s ({alone:6.1f} s); "
-              f"job {tokens / piped:7.1f} out tok/s ({piped:6.1f} s) = "
-              f"{alone / piped:.2f}x the engine")
+            with TorchEngine(model, options=TorchOptions(max_batch_size=args.batch_size)
+                             ) as engine:
+                loaded = time.perf_counter()
+                results = engine.fill(corpus, MultiMask.ITERATIVE, params)
+                alone = time.perf_counter() - loaded
+            with_load = time.perf_counter() - start
+            tokens = sum(len(f.token_ids) for r in results for f in r.fills)
+            manifest, piped = run_job(source, root / f"out-{name[:4]}-{threads}", model,
+                                      args.max_new_tokens, batch_size=args.batch_size,
+                                      cpus_per_actor=float(threads))
+            assert manifest["output_tokens"] == tokens, (manifest["output_tokens"], tokens)
+            print(f"  {name:<20} engine alone {tokens / alone:7.1f} out tok/s "
+                  f"({alone:6.1f} s; {with_load:6.1f} s with its load); job "
+                  f"{tokens / piped:7.1f} out tok/s ({piped:6.1f} s) = {alone / piped:.2f}x "
+                  f"the engine ({with_load / piped:.2f}x with the engine's load)")
+
+
+def engine_thread_counts() -> list[int]:
+    """Every core, as a CPU-only node would run it; and every core but one, as a GPU node
+    leaves its CPUs to Ray's machinery (Ray Data's executor loop in the driver, its actors,
+    GCS, raylet): on a CPU every engine thread that waits for one preempted thread at a
+    barrier loses that time too, so a few percent of one core taken by the machinery costs an
+    engine on every core several percent."""
+    cores = len(os.sched_getaffinity(0))
+    return [cores, cores - 1] if cores > 1 else [cores]
 
 
 def main() -> None:
@@ -230,9 +269,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--kinds", nargs="+", default=["parquet", "jsonl"],
                         help="memory: the file formats to measure")
+    parser.add_argument("--engine-threads", type=int, nargs="+", default=None,
+                        help="overhead: the engine's threads (default: every core, and every "
+                             "core but one)")
     args = parser.parse_args()
     args.rows = args.rows or {"memory": [100_000, 1_000_000], "spread": [200_000],
-                              "overhead": [200]}[args.what]
+                              "overhead": [1000]}[args.what]
     import ray
 
     ray.init(num_cpus=4, include_dashboard=False)
