@@ -132,13 +132,14 @@ def _parquet_units(uri: str, key: str, fs: pafs.FileSystem, path: str, unit_rows
     units: list[Unit] = []
     group, first, rows, data = 0, 0, 0, 0
     for rg in range(meta.num_row_groups):
-        size = meta.row_group(rg).num_rows
+        row_group = meta.row_group(rg)
+        size = row_group.num_rows
         if rows and rows + size > unit_rows:
             units.append(Unit(uri, key, SourceFormat.PARQUET, len(units), group, rg, first, rows,
                               data_bytes=data))
             group, first, rows, data = rg, first + rows, 0, 0
         rows += size
-        data += meta.row_group(rg).total_byte_size
+        data += row_group.total_byte_size
     if rows or not units:
         units.append(Unit(uri, key, SourceFormat.PARQUET, len(units), group,
                           meta.num_row_groups, first, rows, data_bytes=data))
