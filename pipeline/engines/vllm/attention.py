@@ -17,10 +17,11 @@ prompt and a generated token always has a block position above 0.
   rows of whole prompts are recomputed in one padded batch from this step's keys (prefix
   caching must be off there).
 
-A step of decodes only (every request one new token) is vLLM's attention unchanged, which
-keeps it inside full CUDA graphs. Being an op, the Python here is opaque to torch.compile:
-the model compiles around it and the op splits piecewise CUDA graphs like vLLM's own
-attention op (`SPLITTING_OPS`).
+A step of decodes only (every request one new token) is plain causal attention: vLLM's
+(which keeps it inside full CUDA graphs), or on the CPU our decode kernel over the same paged
+cache, which reads it as one stream (`cpu_decode`). Being an op, the Python here is opaque to
+torch.compile: the model compiles around it and the op splits piecewise CUDA graphs like
+vLLM's own attention op (`SPLITTING_OPS`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch.library import Library
 from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from pipeline.engines.vllm import cpu_decode
 from pipeline.glm.modeling import attend
 
 LIBRARY = Library("glm_infill", "FRAGMENT")  # the op lives as long as this object
@@ -144,7 +146,13 @@ def glm_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if slots is not None and not layer.attn_backend.forward_includes_kv_cache_update:
         impl.do_kv_cache_update(layer, key, value, layer.kv_cache, slots)
     if metadata.max_query_len == 1:  # decodes only: causal attention is GLM's pattern
-        impl.forward(layer, query, key, value, layer.kv_cache, metadata, output=output)
+        if impl.kv_cache_dtype == "auto" and cpu_decode.usable(query, layer.kv_cache,
+                                                               getattr(layer, "isa", "")):
+            requests = metadata.seq_lens.numel()
+            cpu_decode.decode_attention(query[:requests], layer.kv_cache, metadata.block_table,
+                                        metadata.seq_lens, output[:requests])
+        else:
+            impl.forward(layer, query, key, value, layer.kv_cache, metadata, output=output)
         return
     tokens = metadata.num_actual_tokens
     if reads_paged_cache(query.device.type):

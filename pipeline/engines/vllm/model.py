@@ -17,8 +17,9 @@ How GLM's blank infilling maps onto vLLM (docs/glm.md, "GLM inside vLLM"):
   causal attention for every row but the context's, which read the whole context. The op
   keeps the model compilable: torch.compile on the CPU, piecewise CUDA graphs on a GPU.
 * Numerics as the hub: K divided by sqrt(head_dim) before Q K^T (vLLM's scale is 1.0, the
-  cache holds the divided K), scores * mask + (-65504) * (1 - mask), erf GELU, LayerNorm
-  eps 1e-5, logits tied to the word embedding.
+  cache holds the divided K; where the root is a power of two the division is folded into the
+  K rows of the QKV weights, which gives the same bits), scores * mask + (-65504) * (1 - mask),
+  erf GELU, LayerNorm eps 1e-5, logits tied to the word embedding.
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.platforms import current_platform
 
-from pipeline.engines.vllm import attention  # noqa: F401  registers torch.ops.glm_infill.attention
+from pipeline.engines.vllm import (
+    attention,  # noqa: F401  registers torch.ops.glm_infill.attention
+    cpu_decode,
+)
 from pipeline.engines.vllm.plugin import glm_config
 from pipeline.glm import modeling
 from pipeline.glm.checkpoint import LAYER_NORM_EPS, WEIGHTS_PREFIX, GLMConfig
@@ -100,11 +104,27 @@ class GLMAttention(nn.Module):
         self.dense = RowParallelLinear(config.hidden_size, config.hidden_size, bias=True,
                                        prefix=f"{prefix}.dense")
         self.attn = Attention(self.num_heads, self.head_dim, scale=1.0, prefix=f"{prefix}.attn")
+        self.key_scale_folded = False  # set by `fold_key_scale`
+
+    def fold_key_scale(self) -> None:
+        """Divide the K rows of this rank's QKV weight and bias by sqrt(head_dim), so that
+        forward need not divide K, when that root is a power of two (head_dim 64: glm-large,
+        glm-2b, glm-10b): scaling by a power of two is exact and commutes with every rounding
+        of the GEMM, so K has the very bits of the hub's (x W + b) / sqrt(head_dim)."""
+        root = math.sqrt(self.head_dim)
+        if root != 2 ** round(math.log2(root)):
+            return
+        keys = slice(self.local_size, 2 * self.local_size)
+        with torch.no_grad():
+            self.query_key_value.weight[keys] /= root
+            self.query_key_value.bias[keys] /= root
+        self.key_scale_folded = True
 
     def forward(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.query_key_value(x)
         q, k, v = qkv.split(self.local_size, dim=-1)
-        k = k / math.sqrt(self.head_dim)  # the hub's order: K scaled before Q K^T
+        if not self.key_scale_folded:
+            k = k / math.sqrt(self.head_dim)  # the hub's order: K scaled before Q K^T
         out = torch.empty_like(q)
         torch.ops.glm_infill.attention(q, k, v, out, block, self.attn.layer_name)
         out, _ = self.dense(out)
@@ -180,6 +200,8 @@ class GLMInfillForCausalLM(nn.Module, SupportsMRoPE):
             prefix=maybe_prefix(prefix, "word_embeddings"))
         self.transformer = GLMTransformer(self.config, maybe_prefix(prefix, "transformer"))
         self.logits_processor = LogitsProcessor(self.vocab_size)
+        if current_platform.is_cpu():  # built (or found) while the model loads, not mid-step
+            cpu_decode.kernel(vllm_config.model_config.dtype)
         self.fuses_gelu = (current_platform.is_cpu() and torch.backends.mkldnn.is_available()
                            and vllm_config.model_config.dtype == torch.float32
                            and vllm_config.compilation_config.mode == CompilationMode.NONE)
@@ -221,7 +243,8 @@ class GLMInfillForCausalLM(nn.Module, SupportsMRoPE):
             param = params[name]
             getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)
-        if self.fuses_gelu:
-            for layer in self.transformer.layers:
+        for layer in self.transformer.layers:
+            layer.attention.fold_key_scale()
+            if self.fuses_gelu:
                 layer.mlp.fuse_gelu()
         return loaded

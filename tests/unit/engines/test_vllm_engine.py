@@ -24,6 +24,7 @@ from pipeline.engines.base import (  # noqa: E402
     VLLMOptions,
 )
 from pipeline.engines.torch_engine import TorchEngine  # noqa: E402
+from pipeline.engines.vllm import cpu_decode  # noqa: E402
 from pipeline.engines.vllm.engine import (  # noqa: E402
     CPU_KV_BLOCK,
     VLLMEngine,
@@ -174,6 +175,45 @@ def test_async_rows_overlap_and_match(tiny_torch: TorchEngine, tiny_vllm: VLLMEn
         expected = tiny_torch.fill(texts, procedure, params)
         actual = asyncio.run(fill_all(procedure))
         assert [r.to_json() for r in actual] == [r.to_json() for r in expected]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_folded_key_scale_gives_the_same_bits(dtype: torch.dtype) -> None:
+    """K rows of the QKV weight divided by sqrt(head_dim) = 8 before the GEMM equal the hub's
+    (x W + b) / 8 bit for bit (float32: vLLM's oneDNN GEMM, as the model runs it; bfloat16:
+    torch's, since the tests cap oneDNN at AVX2, which has no bfloat16 GEMM); a root that is
+    not a power of two (head_dim 32) would not, which is why the model folds only those."""
+    from vllm import _custom_ops as ops
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=generator).to(dtype)
+                       for shape in ((37, 256), (192, 256), (192,)))
+
+    def gemm(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if dtype == torch.float32:
+            return ops.onednn_mm(ops.create_onednn_mm(w.t(), 32), x, b)
+        return torch.nn.functional.linear(x, w, b)
+
+    assert torch.equal(gemm(weight / 8, bias / 8), gemm(weight, bias) / 8)
+    root = 32 ** 0.5
+    assert not torch.equal(gemm(weight / root, bias / root), gemm(weight, bias) / root)
+
+
+def test_decode_steps_run_the_cpu_kernel(tiny_torch: TorchEngine, tiny_vllm: VLLMEngine,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU that has the instructions, every decode-only step's attention is our kernel
+    (pipeline/engines/vllm/cpu_decode.py), and the answers are still the torch engine's."""
+    if not cpu_decode.cpu_supports(torch.float32):
+        pytest.skip("this CPU has no AVX-512: vLLM's decode attention runs")
+    calls = []
+    run = cpu_decode.decode_attention
+    monkeypatch.setattr(cpu_decode, "decode_attention",
+                        lambda query, *rest: calls.append(len(query)) or run(query, *rest))
+    requests = random_requests(tiny_torch.tokenizer, 8, seed=5)
+    assert compare(tiny_torch.generate(requests), tiny_vllm.generate(requests)) < TOLERANCE
+    layers = tiny_torch.config.num_layers
+    assert calls and len(calls) % layers == 0  # every layer of a decode step, none skipped
+    assert max(calls) > 1  # requests decoded together
 
 
 def test_ignore_eos_same_fixed_length_answers(tiny_torch: TorchEngine,

@@ -1,0 +1,175 @@
+/* GLM's decode attention on the CPU: one query per request over vLLM's paged KV cache.
+ *
+ * Why not vLLM's CPU kernel: on a decode step it reads each request's cache one head at a
+ * time, and one head of one block is a 4-16 KiB island (the layout below), so the reads are
+ * many short streams that wait on memory; in bfloat16 it reaches about half the machine's
+ * bandwidth (pipeline/engines/vllm/cpu_decode.py has the figures). Here each work item takes
+ * a request (or a group of its heads) and walks its blocks in order, every head of a block
+ * while that head's K and V, which lie side by side, are read once, with an online softmax,
+ * and the next chunk prefetched: one stream per item.
+ *
+ * The cache is vLLM's "vec" layout (vllm/v1/attention/backends/cpu_attn.py, written by
+ * `cpu_attn_reshape_and_cache`): [blocks][heads][2 * block_size][head_dim] where, per block
+ * and head, the first block_size * head_dim elements are K transposed ([head_dim][block_size])
+ * and the next are V ([block_size][head_dim]). K is already divided by sqrt(head_dim) (GLM's
+ * order, pipeline/engines/vllm/model.py), so scores are plain dot products.
+ *
+ * Compiled once per element type: float32, or bfloat16 with -DGLM_BF16 (products and sums in
+ * float32, the output rounded to nearest even). Needs AVX-512F/BW/VL/DQ (and AVX512-BF16 for
+ * bfloat16); the caller checks the CPU. head_dim (<= 256) and block_size (<= 256) are
+ * multiples of 16.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#define MAX_HEAD_DIM 256
+#define MAX_HEADS_PER_ITEM 16
+#define MAX_BLOCK_SIZE 256
+
+#ifdef GLM_BF16
+typedef uint16_t element;
+
+static inline __m512 load16(const element *p) {
+    __m256i half = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+static inline float to_float(element x) {
+    union { uint32_t bits; float value; } v = { (uint32_t)x << 16 };
+    return v.value;
+}
+
+static inline void store16(element *p, __m512 x) {
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(x));
+}
+#else
+typedef float element;
+
+static inline __m512 load16(const element *p) { return _mm512_loadu_ps(p); }
+static inline float to_float(element x) { return x; }
+static inline void store16(element *p, __m512 x) { _mm512_storeu_ps(p, x); }
+#endif
+
+/* e^x for x <= 0 (scores minus their running maximum): Cephes' expf, 2^n * p(r), ~1 ulp. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 first_lanes(int64_t count) {
+    return count >= 16 ? (__mmask16)0xFFFF : (count > 0 ? (__mmask16)((1u << count) - 1) : 0);
+}
+
+/* Scores of one block's keys for one head (K transposed), masked past `valid` keys. */
+static inline void block_scores(const float *q, const element *keys, int64_t head_dim,
+                                int64_t block_size, int64_t valid, float *scores) {
+    for (int64_t g = 0; g < block_size; g += 16) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        for (int64_t d = 0; d < head_dim; d += 4) {  /* four chains: FMA latency, not width */
+            const element *k = keys + d * block_size + g;
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), load16(k), a0);
+            a1 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 1]), load16(k + block_size), a1);
+            a2 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 2]), load16(k + 2 * block_size), a2);
+            a3 = _mm512_fmadd_ps(_mm512_set1_ps(q[d + 3]), load16(k + 3 * block_size), a3);
+        }
+        __m512 s = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+        _mm512_storeu_ps(scores + g,
+                         _mm512_mask_blend_ps(first_lanes(valid - g), _mm512_set1_ps(-INFINITY), s));
+    }
+}
+
+void glm_decode_attention(const element *query, int64_t query_row_stride,
+                          const element *kv_cache, const int32_t *block_table,
+                          int64_t block_table_stride, const int32_t *seq_lens, element *out,
+                          int64_t out_row_stride, int64_t requests, int64_t heads,
+                          int64_t head_dim, int64_t block_size, int32_t threads) {
+    const int64_t vectors = head_dim / 16;
+    const int64_t chunk = 2 * block_size * head_dim; /* one head of one block: K^T, then V */
+    /* enough items for every thread (4 each), at most MAX_HEADS_PER_ITEM heads an item */
+    int64_t groups = (4 * (int64_t)threads + requests - 1) / requests;
+    const int64_t least = (heads + MAX_HEADS_PER_ITEM - 1) / MAX_HEADS_PER_ITEM;
+    groups = groups < least ? least : (groups > heads ? heads : groups);
+    const int64_t per_item = (heads + groups - 1) / groups;
+
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t item = 0; item < requests * groups; ++item) {
+        const int64_t r = item / groups, first = (item % groups) * per_item;
+        const int64_t last = first + per_item < heads ? first + per_item : heads;
+        const int64_t length = seq_lens[r];
+        const int64_t blocks = (length + block_size - 1) / block_size;
+        const int32_t *table = block_table + r * block_table_stride;
+        float q[MAX_HEADS_PER_ITEM][MAX_HEAD_DIM], acc[MAX_HEADS_PER_ITEM][MAX_HEAD_DIM];
+        float running_max[MAX_HEADS_PER_ITEM], total[MAX_HEADS_PER_ITEM];
+        float p[MAX_BLOCK_SIZE];
+        for (int64_t h = first; h < last; ++h) {
+            const element *row = query + r * query_row_stride + h * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) {
+                q[h - first][d] = to_float(row[d]);
+                acc[h - first][d] = 0.f;
+            }
+            running_max[h - first] = -INFINITY;
+            total[h - first] = 0.f;
+        }
+        for (int64_t j = 0; j < blocks; ++j) {
+            const int64_t valid = length - j * block_size < block_size ? length - j * block_size
+                                                                      : block_size;
+            for (int64_t h = first; h < last; ++h) {
+                const int64_t i = h - first;
+                const element *keys = kv_cache + ((int64_t)table[j] * heads + h) * chunk;
+                const element *values = keys + block_size * head_dim;
+                const element *next = h + 1 < last ? keys + chunk
+                    : (j + 1 < blocks ? kv_cache + ((int64_t)table[j + 1] * heads + first) * chunk
+                                      : 0);
+                if (next)
+                    for (int64_t byte = 0; byte < chunk * (int64_t)sizeof(element); byte += 64)
+                        _mm_prefetch((const char *)next + byte, _MM_HINT_T0);
+
+                block_scores(q[i], keys, head_dim, block_size, valid, p);
+                __m512 block_max = _mm512_set1_ps(-INFINITY);
+                for (int64_t g = 0; g < block_size; g += 16)
+                    block_max = _mm512_max_ps(block_max, _mm512_loadu_ps(p + g));
+                const float top = _mm512_reduce_max_ps(block_max);
+                const float new_max = top > running_max[i] ? top : running_max[i];
+                const float rescale = expf(running_max[i] - new_max);
+                running_max[i] = new_max;
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t g = 0; g < block_size; g += 16) {
+                    __m512 e = _mm512_maskz_mov_ps(
+                        first_lanes(valid - g),
+                        exp16(_mm512_sub_ps(_mm512_loadu_ps(p + g), _mm512_set1_ps(new_max))));
+                    _mm512_storeu_ps(p + g, e);
+                    sum = _mm512_add_ps(sum, e);
+                }
+                total[i] = total[i] * rescale + _mm512_reduce_add_ps(sum);
+                __m512 o[MAX_HEAD_DIM / 16];
+                for (int64_t c = 0; c < vectors; ++c)
+                    o[c] = _mm512_mul_ps(_mm512_loadu_ps(acc[i] + 16 * c), _mm512_set1_ps(rescale));
+                for (int64_t t = 0; t < valid; ++t) {
+                    const __m512 weight = _mm512_set1_ps(p[t]);
+                    for (int64_t c = 0; c < vectors; ++c)
+                        o[c] = _mm512_fmadd_ps(weight, load16(values + t * head_dim + 16 * c), o[c]);
+                }
+                for (int64_t c = 0; c < vectors; ++c) _mm512_storeu_ps(acc[i] + 16 * c, o[c]);
+            }
+        }
+        for (int64_t h = first; h < last; ++h) {
+            const __m512 scale = _mm512_set1_ps(1.f / total[h - first]);
+            element *row = out + r * out_row_stride + h * head_dim;
+            for (int64_t c = 0; c < vectors; ++c)
+                store16(row + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(acc[h - first] + 16 * c), scale));
+        }
+    }
+}

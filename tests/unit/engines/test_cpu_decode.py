@@ -1,0 +1,163 @@
+"""GLM's CPU decode attention kernel (pipeline/engines/vllm/cpu_decode.py) against a float64
+reference and against vLLM's own CPU kernel, on caches written by vLLM's `reshape_and_cache`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.engines.vllm import cpu_decode
+
+pytest.importorskip("vllm")
+from vllm import _custom_ops as ops  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16]
+# key counts around block edges, one key, and a long one
+LENGTHS = [1, 31, 32, 33, 64, 200, 257]
+
+
+def needs_kernel(dtype: torch.dtype) -> None:
+    if not cpu_decode.cpu_supports(dtype):
+        pytest.skip(f"this CPU lacks the kernel's instructions for {dtype}")
+    assert cpu_decode.kernel(dtype) is not None, "supported CPU but the kernel did not build"
+
+
+def paged_cache(lengths: list[int], heads: int, head_dim: int, block_size: int,
+                dtype: torch.dtype, seed: int = 0):
+    """A cache as vLLM holds it, in its "vec" layout, with random keys (already scaled) and
+    values of each request in shuffled blocks, unused slots NaN; the block table, lengths
+    and the keys and values themselves."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks_each = [-(-n // block_size) for n in lengths]
+    total = sum(blocks_each) + 3
+    cache = torch.full((total, heads, block_size, 2 * head_dim), float("nan"), dtype=dtype)
+    key_cache, value_cache = cache.view(total, heads, 2 * block_size, head_dim).chunk(2, dim=2)
+    order = torch.randperm(total, generator=generator)
+    table = torch.zeros(len(lengths), max(blocks_each), dtype=torch.int32)
+    keys, values, used = [], [], 0
+    for r, (n, count) in enumerate(zip(lengths, blocks_each, strict=True)):
+        table[r, :count] = order[used:used + count]
+        used += count
+        k = (torch.randn(n, heads, head_dim, generator=generator) / head_dim ** 0.5).to(dtype)
+        v = torch.randn(n, heads, head_dim, generator=generator).to(dtype)
+        slots = (table[r, :count].long()[:, None] * block_size
+                 + torch.arange(block_size)).flatten()[:n]
+        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, cpu_decode.KV_LAYOUT)
+        keys.append(k)
+        values.append(v)
+    return cache, table, torch.tensor(lengths, dtype=torch.int32), keys, values
+
+
+def strided_queries(requests: int, heads: int, head_dim: int, dtype: torch.dtype
+                    ) -> torch.Tensor:
+    """Queries as the model hands them over: the Q third of a fused QKV row."""
+    qkv = torch.randn(requests, 3 * heads * head_dim, generator=torch.Generator().manual_seed(1))
+    return qkv.to(dtype)[:, :heads * head_dim].view(requests, heads, head_dim)
+
+
+def reference(query: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]
+              ) -> torch.Tensor:
+    rows = []
+    for q, k, v in zip(query.double(), keys, values, strict=True):
+        scores = torch.einsum("hd,nhd->hn", q, k.double())
+        rows.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), v.double()))
+    return torch.stack(rows)
+
+
+def run_ours(query, cache, table, lengths) -> torch.Tensor:
+    out = torch.empty(query.shape, dtype=query.dtype)
+    cpu_decode.decode_attention(query, cache, table, lengths, out)
+    return out
+
+
+def run_vllm(query, cache, table, lengths) -> torch.Tensor:
+    requests, heads, head_dim = query.shape
+    out = torch.empty(query.shape, dtype=query.dtype)
+    starts = torch.arange(requests + 1, dtype=torch.int32)
+    schedule = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=requests, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
+        seq_lens=lengths, dtype=query.dtype, query_start_loc=starts, causal=True,
+        sliding_window_size=-1, isa=cpu_decode.KV_LAYOUT, enable_kv_split=True)
+    blocks, heads, block_size, _ = cache.shape
+    key_cache, value_cache = cache.view(blocks, heads, 2 * block_size, -1).chunk(2, dim=2)
+    ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=out,
+        query_start_loc=starts, seq_lens=lengths, scale=1.0, causal=True, alibi_slopes=None,
+        sliding_window=-1, block_table=table, softcap=0.0, scheduler_metadata=schedule,
+        s_aux=None)
+    return out
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """float32: summation order; bfloat16: the output's rounding (half an ulp, 2^-9 of the
+    value, and float32 sums of bfloat16 products before it)."""
+    return {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2 ** -8,
+                                                                         "atol": 1e-3}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("heads", "head_dim", "block_size"),
+                         [(12, 64, 32), (4, 32, 128), (2, 128, 64), (20, 64, 32)])
+def test_matches_reference_and_vllm(dtype, heads, head_dim, block_size) -> None:
+    needs_kernel(dtype)
+    cache, table, lengths, keys, values = paged_cache(LENGTHS, heads, head_dim, block_size,
+                                                      dtype)
+    query = strided_queries(len(LENGTHS), heads, head_dim, dtype)
+    ours = run_ours(query, cache, table, lengths)
+    assert torch.isfinite(ours.float()).all(), "a NaN in an unused slot leaked into the output"
+    expected = reference(query, keys, values)
+    torch.testing.assert_close(ours.double(), expected, **tolerance(dtype))
+    # vLLM's kernel multiplies unused slots by zero, so it needs them finite (old keys are)
+    junk = cache.nan_to_num(nan=1e4)
+    torch.testing.assert_close(ours.float(), run_vllm(query, junk, table, lengths).float(),
+                               **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_many_heads_and_one_request(dtype) -> None:
+    """glm-10b's 64 heads: more than one work item holds, whether the requests are one (its
+    heads shared out over the threads) or many."""
+    needs_kernel(dtype)
+    for lengths in ([77], [77, 1, 33, 200, 5, 64, 31, 32, 100]):
+        cache, table, lengths, keys, values = paged_cache(lengths, 64, 64, 32, dtype, seed=2)
+        query = strided_queries(len(lengths), 64, 64, dtype)
+        torch.testing.assert_close(run_ours(query, cache, table, lengths).double(),
+                                   reference(query, keys, values), **tolerance(dtype))
+
+
+def test_wrong_block_is_caught() -> None:
+    """Negative control: reading one request's blocks through another's table is far off."""
+    needs_kernel(torch.float32)
+    cache, table, lengths, keys, values = paged_cache([40, 40], 4, 64, 32, torch.float32)
+    query = strided_queries(2, 4, 64, torch.float32)
+    swapped = run_ours(query, cache, table.flip(0).contiguous(), lengths)
+    assert (swapped.double() - reference(query, keys, values)).abs().max() > 1e-2
+
+
+def test_build_is_cached_and_errors_name_the_compiler(tmp_path, monkeypatch) -> None:
+    library = cpu_decode.build(torch.float32, tmp_path)
+    built_at = library.stat().st_mtime_ns
+    assert cpu_decode.build(torch.float32, tmp_path) == library
+    assert library.stat().st_mtime_ns == built_at
+    assert [p.name for p in tmp_path.iterdir()] == [library.name]  # no scratch left behind
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(RuntimeError, match="no-such-cc"):
+        cpu_decode.build(torch.bfloat16, tmp_path / "other")
+
+
+def test_opt_out_and_a_failed_build_fall_back(monkeypatch, tmp_path) -> None:
+    query = torch.zeros(1, 4, 64)
+    cache = torch.zeros(2, 4, 32, 128)
+    cpu_decode.kernel.cache_clear()
+    try:
+        monkeypatch.setenv(cpu_decode.OPT_OUT, "0")
+        assert cpu_decode.kernel(torch.float32) is None
+        assert not cpu_decode.usable(query, cache, cpu_decode.KV_LAYOUT)
+        cpu_decode.kernel.cache_clear()
+        monkeypatch.delenv(cpu_decode.OPT_OUT)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        assert cpu_decode.kernel(torch.float32) is None
+    finally:
+        cpu_decode.kernel.cache_clear()
+    assert not cpu_decode.usable(query, cache, "amx")  # another layout: vLLM's kernel
