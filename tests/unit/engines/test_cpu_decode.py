@@ -134,6 +134,23 @@ def test_wrong_block_is_caught() -> None:
     assert (swapped.double() - reference(query, keys, values)).abs().max() > 1e-2
 
 
+def test_kernel_shares_torchs_openmp(tmp_path) -> None:
+    """Loading the kernel maps no OpenMP runtime of its own: its libgomp is torch's (the same
+    soname, already loaded), one thread pool rather than a second set of threads spinning on
+    the same cores."""
+    import ctypes
+
+    def runtimes() -> set[str]:
+        with open("/proc/self/maps") as maps:
+            return {line.split()[-1] for line in maps if "libgomp" in line}
+
+    needs_kernel(torch.float32)
+    before = runtimes()
+    assert any("torch" in path for path in before)
+    ctypes.CDLL(str(cpu_decode.build(torch.float32, tmp_path)))  # a fresh copy, loaded now
+    assert runtimes() == before
+
+
 def test_build_is_cached_and_errors_name_the_compiler(tmp_path, monkeypatch) -> None:
     library = cpu_decode.build(torch.float32, tmp_path)
     built_at = library.stat().st_mtime_ns
