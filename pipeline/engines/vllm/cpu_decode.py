@@ -1,18 +1,27 @@
-"""GLM's decode attention on the CPU (`decode_attention.c`), built with the system's C compiler.
+"""GLM's decode steps on the CPU (`cpu_decode.c`), built with the system's C compiler.
 
-A decode step attends one query per request over the paged KV cache. vLLM's CPU kernel reads
-it one head at a time, a 4-16 KiB island per block (its "vec" layout), and waits on memory:
-measured on 2 cores (AVX-512, 16 requests x ~200 keys, 12 layers of glm-small's shape, one
-decode step's attention), vLLM 5.3-5.8 ms in bfloat16 (about 20 GB/s) and 5.9-7.6 ms in
-float32; this kernel, which walks each request's blocks in order with every head of a block
-at once, 2.4-3.7 ms and 4.2-6.7 ms. Steps with prompt rows keep vLLM's kernel (GLM's segments,
-pipeline/engines/vllm/attention.py).
+A decode step computes one row per request and reads a lot for it: every weight, and each
+request's whole KV cache. Both reads are what these kernels do better than vLLM's CPU ones.
 
-The kernel is compiled on first use (`cc -O3 -fopenmp`, AVX-512 flags) into a per-user cache
-keyed by the source and flags, and loaded with ctypes; it runs on torch's OpenMP runtime
-(same soname) with torch's thread count. Where it cannot be used (no AVX-512 or AVX512-BF16,
-another KV layout, no compiler, `GLM_INFILL_CPU_KERNELS=0`) vLLM's kernel runs instead, with
-one warning when a build failed.
+* Attention (`decode_attention`): vLLM's kernel reads the paged cache one head at a time, a
+  4-16 KiB island per block (its "vec" layout), and waits on memory. This one walks each
+  request's blocks in order, every head of a block while that head's K and V (side by side)
+  are read once. One decode step's attention, glm-small's shape (16 requests x ~200 keys,
+  12 layers, 2 cores, AVX-512): bfloat16 5.3-5.8 -> 2.4-3.7 ms, float32 5.9-7.6 ->
+  4.2-6.7 ms. Steps with prompt rows keep vLLM's kernel (GLM's segments, attention.py).
+* Linear layers, float32 (`decode_linear`): oneDNN's GEMM at 16 rows streams the weights at
+  about 30 GB/s. This one reads a second copy of each weight packed as [out / 16][in][16]
+  (`pack_linear`), each thread its panels end to end, prefetched ahead, every weight vector
+  feeding 16 FMAs: glm-small's four layer shapes x 12 layers at 16 rows 11.2 -> 7.9 ms. The
+  copy costs the weights' memory again, so the model keeps it only while it is at most
+  `DECODE_LINEAR_MAX_BYTES` per rank (glm-large in float32: 1.2 GiB; not glm-2b or
+  glm-10b), for steps of at most `LINEAR_ROWS` rows; prefill steps keep oneDNN.
+
+The kernels are compiled on first use (`cc -O3 -fopenmp`, AVX-512 flags) into a per-user
+cache keyed by the source and flags, loaded with ctypes, and run on torch's OpenMP runtime
+(the same soname) with torch's thread count. Where they cannot be used (no AVX-512 or
+AVX512-BF16, another KV layout, no compiler: one warning; `GLM_INFILL_CPU_KERNELS=0`) vLLM's
+kernels run instead.
 """
 
 from __future__ import annotations
@@ -24,17 +33,20 @@ import logging
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
+SOURCE = Path(__file__).with_name("cpu_decode.c")
 OPT_OUT = "GLM_INFILL_CPU_KERNELS"
 AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
 FLAGS = {torch.float32: AVX512, torch.bfloat16: [*AVX512, "-mavx512bf16", "-DGLM_BF16"]}
 MAX_HEAD_DIM = MAX_BLOCK_SIZE = 256  # the C file's bounds
+LINEAR_ROWS = 16  # rows of a decode_linear call (the C file's)
+DECODE_LINEAR_MAX_BYTES = 2 * 1024**3  # a second copy of the linear weights, per rank
 KV_LAYOUT = "vec"  # vLLM's CPU attention ISA whose cache layout the kernel reads
 
 
@@ -76,8 +88,8 @@ def build(dtype: torch.dtype, directory: Path) -> Path:
 
 
 @functools.cache
-def kernel(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
-    """The loaded kernel for `dtype`, or None where it cannot run here (see the module)."""
+def kernel(dtype: torch.dtype) -> ctypes.CDLL | None:
+    """The loaded kernels for `dtype`, or None where they cannot run here (see the module)."""
     if os.environ.get(OPT_OUT, "1") == "0" or not cpu_supports(dtype):
         return None
     try:
@@ -85,12 +97,14 @@ def kernel(dtype: torch.dtype) -> ctypes._CFuncPtr | None:
     except (OSError, RuntimeError) as err:
         log.warning("GLM decode attention kernel unavailable, using vLLM's: %s", err)
         return None
-    function = library.glm_decode_attention
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, size, pointer, pointer, size, pointer, pointer, size,
-                         size, size, size, size, ctypes.c_int32]
-    function.restype = None
-    return function
+    pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    library.glm_decode_attention.argtypes = [pointer, size, pointer, pointer, size, pointer,
+                                             pointer, size, size, size, size, size, threads]
+    library.glm_decode_linear.argtypes = [pointer, size, pointer, pointer, pointer, size, size,
+                                          size, size, pointer, threads]
+    for function in (library.glm_decode_attention, library.glm_decode_linear):
+        function.restype = None
+    return library
 
 
 def cache_shape(kv_cache: torch.Tensor) -> tuple[int, int, int, int]:
@@ -123,7 +137,41 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
         raise ValueError("block_table and seq_lens must be int32")
     if block_table.stride(1) != 1 or not seq_lens.is_contiguous():
         raise ValueError("block_table rows and seq_lens must be contiguous")
-    kernel(query.dtype)(
+    kernel(query.dtype).glm_decode_attention(
         query.data_ptr(), query.stride(0), kv_cache.data_ptr(), block_table.data_ptr(),
         block_table.stride(0), seq_lens.data_ptr(), output.data_ptr(), output.stride(0),
         requests, heads, head_dim, cache_shape(kv_cache)[2], torch.get_num_threads())
+
+
+def pack_linear(weight: torch.Tensor) -> torch.Tensor:
+    """An [out, in] float32 weight as `decode_linear` reads it: [out / 16, in, 16]."""
+    out_features, in_features = weight.shape
+    return weight.detach().reshape(out_features // 16, 16, in_features).transpose(1, 2) \
+        .contiguous()
+
+
+def linear_packable(weight: torch.Tensor) -> bool:
+    """Whether `decode_linear` can serve this weight (float32, CPU, 16 | out features)."""
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.shape[0] % 16 == 0 and kernel(torch.float32) is not None)
+
+
+_scratch = threading.local()  # per calling thread: x transposed to [in][16]
+
+
+def decode_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """x [rows <= LINEAR_ROWS, in] (rows contiguous) times the packed weight, plus bias."""
+    rows, in_features = x.shape
+    panels, _, _ = packed.shape
+    if rows > LINEAR_ROWS or x.stride(1) != 1 or x.dtype != torch.float32:
+        raise ValueError(f"decode_linear takes up to {LINEAR_ROWS} float32 rows")
+    scratch = getattr(_scratch, "buffer", None)
+    if scratch is None or scratch.numel() < in_features * LINEAR_ROWS:
+        scratch = _scratch.buffer = torch.empty(in_features * LINEAR_ROWS)
+    out = torch.empty(rows, panels * 16)
+    kernel(torch.float32).glm_decode_linear(
+        x.data_ptr(), x.stride(0), packed.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), rows,
+        panels * 16, in_features, scratch.data_ptr(), torch.get_num_threads())
+    return out

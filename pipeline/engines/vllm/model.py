@@ -151,7 +151,11 @@ class GLMMLP(nn.Module):
         layer.weight = nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.h_to_4h_gelu is not None:
+        decode_weight = getattr(self.dense_h_to_4h, "decode_weight", None)
+        if self.h_to_4h_gelu is not None and decode_weight is not None \
+                and x.shape[0] <= cpu_decode.LINEAR_ROWS:  # its cpu_linear is not used
+            x = F.gelu(cpu_decode.decode_linear(x, decode_weight, self.dense_h_to_4h.bias))
+        elif self.h_to_4h_gelu is not None:
             x = modeling.linear(x, self.h_to_4h_gelu, self.dense_h_to_4h.bias, gelu=True)
         else:
             x, _ = self.dense_h_to_4h(x)
@@ -171,6 +175,18 @@ class GLMBlock(nn.Module):
     def forward(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.input_layernorm(x), block)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _decode_rows_to(packed: torch.Tensor, prefill_linear):
+    """A vLLM `cpu_linear` that sends up to `LINEAR_ROWS` rows to `decode_linear`."""
+
+    def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                   ) -> torch.Tensor:
+        if x.shape[0] <= cpu_decode.LINEAR_ROWS and x.dim() == 2:
+            return cpu_decode.decode_linear(x, packed, bias)
+        return prefill_linear(x, weight, bias)
+
+    return cpu_linear
 
 
 class GLMTransformer(nn.Module):
@@ -202,6 +218,8 @@ class GLMInfillForCausalLM(nn.Module, SupportsMRoPE):
         self.logits_processor = LogitsProcessor(self.vocab_size)
         if current_platform.is_cpu():  # built (or found) while the model loads, not mid-step
             cpu_decode.kernel(vllm_config.model_config.dtype)
+        # CPU, float32, eager: GELU fused into h -> 4h, and decode steps' linear layers on
+        # cpu_decode.decode_linear where a second copy of the weights is small enough
         self.fuses_gelu = (current_platform.is_cpu() and torch.backends.mkldnn.is_available()
                            and vllm_config.model_config.dtype == torch.float32
                            and vllm_config.compilation_config.mode == CompilationMode.NONE)
@@ -245,6 +263,32 @@ class GLMInfillForCausalLM(nn.Module, SupportsMRoPE):
             loaded.add(name)
         for layer in self.transformer.layers:
             layer.attention.fold_key_scale()
-            if self.fuses_gelu:
+        if self.fuses_gelu:
+            self.pack_for_decode()
+            for layer in self.transformer.layers:
                 layer.mlp.fuse_gelu()
         return loaded
+
+    def linear_layers(self) -> list[nn.Module]:
+        return [linear for layer in self.transformer.layers
+                for linear in (layer.attention.query_key_value, layer.attention.dense,
+                               layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h)]
+
+    def pack_for_decode(self) -> None:
+        """Give every linear layer a copy of its weight packed for `cpu_decode.decode_linear`
+        (`decode_weight`), if the copies fit in `DECODE_LINEAR_MAX_BYTES` and the kernel runs
+        here; `process_weights_after_loading` routes decode steps to it."""
+        linears = self.linear_layers()
+        if (sum(linear.weight.nbytes for linear in linears) <= cpu_decode.DECODE_LINEAR_MAX_BYTES
+                and all(cpu_decode.linear_packable(linear.weight) for linear in linears)):
+            for linear in linears:
+                linear.decode_weight = cpu_decode.pack_linear(linear.weight)
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's hook after its own GEMM setup: steps of at most `LINEAR_ROWS` rows (decodes)
+        go to `decode_linear`, larger ones to vLLM's oneDNN GEMM (h -> 4h with its fused GELU
+        is routed in `GLMMLP.forward`)."""
+        for linear in self.linear_layers():
+            packed = getattr(linear, "decode_weight", None)
+            if packed is not None and hasattr(linear, "cpu_linear"):
+                linear.cpu_linear = _decode_rows_to(packed, linear.cpu_linear)

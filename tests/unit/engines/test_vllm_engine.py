@@ -199,21 +199,45 @@ def test_folded_key_scale_gives_the_same_bits(dtype: torch.dtype) -> None:
     assert not torch.equal(gemm(weight / root, bias / root), gemm(weight, bias) / root)
 
 
-def test_decode_steps_run_the_cpu_kernel(tiny_torch: TorchEngine, tiny_vllm: VLLMEngine,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a CPU that has the instructions, every decode-only step's attention is our kernel
-    (pipeline/engines/vllm/cpu_decode.py), and the answers are still the torch engine's."""
+def count_calls(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list[int]:
+    """Rows of every call of `module.name` from now on (the call still runs)."""
+    calls: list[int] = []
+    run = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda rows, *rest: calls.append(len(rows))
+                        or run(rows, *rest))
+    return calls
+
+
+def test_decode_steps_run_the_cpu_kernels(tiny_torch: TorchEngine, tiny_vllm: VLLMEngine,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU that has the instructions, a decode step's attention is our kernel, and so
+    are the linear layers of every step of at most 16 rows, decodes or not
+    (pipeline/engines/vllm/cpu_decode.py); larger steps' are not. The answers are still the
+    torch engine's."""
     if not cpu_decode.cpu_supports(torch.float32):
         pytest.skip("this CPU has no AVX-512: vLLM's decode attention runs")
-    calls = []
-    run = cpu_decode.decode_attention
-    monkeypatch.setattr(cpu_decode, "decode_attention",
-                        lambda query, *rest: calls.append(len(query)) or run(query, *rest))
+    attention = count_calls(monkeypatch, cpu_decode, "decode_attention")
+    linear = count_calls(monkeypatch, cpu_decode, "decode_linear")
     requests = random_requests(tiny_torch.tokenizer, 8, seed=5)
     assert compare(tiny_torch.generate(requests), tiny_vllm.generate(requests)) < TOLERANCE
     layers = tiny_torch.config.num_layers
-    assert calls and len(calls) % layers == 0  # every layer of a decode step, none skipped
-    assert max(calls) > 1  # requests decoded together
+    assert attention and len(attention) % layers == 0  # every layer of a step, none skipped
+    assert max(attention) > 1  # requests decoded together
+    assert len(linear) % (4 * layers) == 0  # a step's four linear layers in every layer
+    assert len(linear) >= 4 * len(attention) and max(linear) <= cpu_decode.LINEAR_ROWS
+
+
+def test_decode_linear_copy_only_where_it_fits(slot: EngineSlot, stopping_model: Path,
+                                              tiny_torch: TorchEngine,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second copy of the weights over `DECODE_LINEAR_MAX_BYTES` is not made: oneDNN then
+    runs every step's linear layers, with the same answers."""
+    monkeypatch.setattr(cpu_decode, "DECODE_LINEAR_MAX_BYTES", 0)
+    engine = slot.get(stopping_model, GLM_TEST_NO_DECODE_COPY="1")  # a new engine
+    linear = count_calls(monkeypatch, cpu_decode, "decode_linear")
+    requests = random_requests(tiny_torch.tokenizer, 4, seed=6)
+    assert compare(tiny_torch.generate(requests), engine.generate(requests)) < TOLERANCE
+    assert linear == []
 
 
 def test_ignore_eos_same_fixed_length_answers(tiny_torch: TorchEngine,
