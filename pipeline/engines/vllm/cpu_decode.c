@@ -177,30 +177,51 @@ void glm_decode_attention(const element *query, int64_t query_row_stride,
 #define LINEAR_ROWS 16
 #define PREFETCH_BYTES 8192 /* how far ahead of use the weight stream is fetched */
 
-/* out[m][n] = bias[n] + sum over k of x[m][k] w[n][k], for a decode step's rows (<= 16),
- * float32 only. `packed` holds w as [n / 16][k][16] (`pack_linear`): each thread streams its
- * panels from end to end, software-prefetched PREFETCH_BYTES ahead, and every weight vector
- * it loads feeds 16 FMAs, one per row (rows past `rows` are zeros). oneDNN's GEMM at 16 rows
- * reaches about 60% of the memory bandwidth this gets. */
-void glm_decode_linear(const float *x, int64_t x_stride, const float *packed,
-                       const float *bias, float *out, int64_t out_stride, int64_t rows,
-                       int64_t n, int64_t k, float *scratch, int32_t threads) {
-    for (int64_t i = 0; i < k; ++i) /* x as [k][16]: one cache line per k, zero-padded */
+/* out[m][n] = bias[n] + sum over k of x[m][k] w[n][k], for a decode step's rows (<= 16).
+ * `packed` holds w panel by panel, 16 outputs a panel (`pack_linear`): float32 [n / 16][k][16],
+ * bfloat16 [n / 16][k / 2][16][2] (pairs of k, as AVX512-BF16's dot product takes them). Each
+ * thread streams its panels from end to end, software-prefetched PREFETCH_BYTES ahead, and
+ * every weight vector it loads feeds 16 FMAs (dot products), one per row; rows past `rows`
+ * are zeros. `scratch` holds x transposed so that one cache line serves all 16 rows: [k][16]
+ * floats, or [k / 2][16] pairs. oneDNN's GEMM at 16 rows reaches about 60% of the memory
+ * bandwidth this gets. Sums in float32, bfloat16 output rounded to nearest even. */
+void glm_decode_linear(const element *x, int64_t x_stride, const element *packed,
+                       const element *bias, element *out, int64_t out_stride, int64_t rows,
+                       int64_t n, int64_t k, element *scratch, int32_t threads) {
+#ifdef GLM_BF16
+    uint32_t *pairs = (uint32_t *)scratch;
+    for (int64_t i = 0; i < k / 2; ++i)
+        for (int64_t m = 0; m < LINEAR_ROWS; ++m)
+            pairs[i * LINEAR_ROWS + m] = m < rows ? *(const uint32_t *)(x + m * x_stride + 2 * i)
+                                                  : 0u;
+    const int64_t steps = k / 2, step_elements = 32;
+#else
+    for (int64_t i = 0; i < k; ++i)
         for (int64_t m = 0; m < LINEAR_ROWS; ++m)
             scratch[i * LINEAR_ROWS + m] = m < rows ? x[m * x_stride + i] : 0.f;
+    const int64_t steps = k, step_elements = 16;
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t panel = 0; panel < n / 16; ++panel) {
-        const float *w = packed + panel * k * 16;
-        const __m512 b = bias ? _mm512_loadu_ps(bias + 16 * panel) : _mm512_setzero_ps();
+        const element *w = packed + panel * k * 16;
+        const __m512 b = bias ? load16(bias + 16 * panel) : _mm512_setzero_ps();
         __m512 acc[LINEAR_ROWS];
         for (int m = 0; m < LINEAR_ROWS; ++m) acc[m] = b;
-        for (int64_t i = 0; i < k; ++i) {
-            _mm_prefetch((const char *)(w + i * 16) + PREFETCH_BYTES, _MM_HINT_T0);
-            const __m512 weights = _mm512_loadu_ps(w + i * 16);
+        for (int64_t i = 0; i < steps; ++i) {
+            const element *weights = w + i * step_elements;
+            _mm_prefetch((const char *)weights + PREFETCH_BYTES, _MM_HINT_T0);
+#ifdef GLM_BF16
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)weights);
+            const uint32_t *column = pairs + i * LINEAR_ROWS;
+            for (int m = 0; m < LINEAR_ROWS; ++m)
+                acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32((int)column[m]), wv);
+#else
+            const __m512 wv = _mm512_loadu_ps(weights);
             const float *column = scratch + i * LINEAR_ROWS;
             for (int m = 0; m < LINEAR_ROWS; ++m)
-                acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(column[m]), weights, acc[m]);
+                acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(column[m]), wv, acc[m]);
+#endif
         }
-        for (int64_t m = 0; m < rows; ++m) _mm512_storeu_ps(out + m * out_stride + 16 * panel, acc[m]);
+        for (int64_t m = 0; m < rows; ++m) store16(out + m * out_stride + 16 * panel, acc[m]);
     }
 }

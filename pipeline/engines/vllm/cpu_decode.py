@@ -9,10 +9,11 @@ request's whole KV cache. Both reads are what these kernels do better than vLLM'
   are read once. One decode step's attention, glm-small's shape (16 requests x ~200 keys,
   12 layers, 2 cores, AVX-512): bfloat16 5.3-5.8 -> 2.4-3.7 ms, float32 5.9-7.6 ->
   4.2-6.7 ms. Steps with prompt rows keep vLLM's kernel (GLM's segments, attention.py).
-* Linear layers, float32 (`decode_linear`): oneDNN's GEMM at 16 rows streams the weights at
-  about 30 GB/s. This one reads a second copy of each weight packed as [out / 16][in][16]
+* Linear layers (`decode_linear`): oneDNN's GEMM at 16 rows streams the weights at about 30
+  GB/s. This one reads a second copy of each weight packed in panels of 16 outputs
   (`pack_linear`), each thread its panels end to end, prefetched ahead, every weight vector
-  feeding 16 FMAs: glm-small's four layer shapes x 12 layers at 16 rows 11.2 -> 7.9 ms. The
+  feeding 16 FMAs (bfloat16: dot products of pairs): glm-small's four layer shapes x 12
+  layers at 16 rows, float32 11.2 -> 7.9 ms. The
   copy costs the weights' memory again, so the model keeps it only while it is at most
   `DECODE_LINEAR_MAX_BYTES` per rank (glm-large in float32: 1.2 GiB; not glm-2b or
   glm-10b), for steps of at most `LINEAR_ROWS` rows; prefill steps keep oneDNN.
@@ -144,34 +145,45 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
 
 
 def pack_linear(weight: torch.Tensor) -> torch.Tensor:
-    """An [out, in] float32 weight as `decode_linear` reads it: [out / 16, in, 16]."""
+    """An [out, in] weight as `decode_linear` reads it: float32 [out / 16, in, 16], bfloat16
+    [out / 16, in / 2, 16, 2] (pairs of inputs, as AVX512-BF16's dot product takes them)."""
     out_features, in_features = weight.shape
-    return weight.detach().reshape(out_features // 16, 16, in_features).transpose(1, 2) \
-        .contiguous()
+    panels = weight.detach().reshape(out_features // 16, 16, in_features)
+    if weight.dtype == torch.bfloat16:
+        return panels.reshape(out_features // 16, 16, in_features // 2, 2).transpose(1, 2) \
+            .contiguous()
+    return panels.transpose(1, 2).contiguous()
 
 
 def linear_packable(weight: torch.Tensor) -> bool:
-    """Whether `decode_linear` can serve this weight (float32, CPU, 16 | out features)."""
-    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
-            and weight.shape[0] % 16 == 0 and kernel(torch.float32) is not None)
+    """Whether `decode_linear` can serve this weight (float32 or bfloat16 on a CPU that has
+    the kernel; outputs a multiple of 16, inputs of 2)."""
+    return (weight.dtype in (torch.float32, torch.bfloat16) and weight.device.type == "cpu"
+            and weight.dim() == 2 and weight.shape[0] % 16 == 0 and weight.shape[1] % 2 == 0
+            and kernel(weight.dtype) is not None)
 
 
-_scratch = threading.local()  # per calling thread: x transposed to [in][16]
+_scratch = threading.local()  # per calling thread and dtype: x transposed for the kernel
 
 
 def decode_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
                   ) -> torch.Tensor:
-    """x [rows <= LINEAR_ROWS, in] (rows contiguous) times the packed weight, plus bias."""
+    """x [rows <= LINEAR_ROWS, in] (rows contiguous) times the packed weight, plus bias; x,
+    the weight and the bias of one dtype."""
     rows, in_features = x.shape
-    panels, _, _ = packed.shape
-    if rows > LINEAR_ROWS or x.stride(1) != 1 or x.dtype != torch.float32:
-        raise ValueError(f"decode_linear takes up to {LINEAR_ROWS} float32 rows")
-    scratch = getattr(_scratch, "buffer", None)
+    panels = packed.shape[0]
+    if rows > LINEAR_ROWS or x.stride(1) != 1 or x.dtype != packed.dtype:
+        raise ValueError(f"decode_linear takes up to {LINEAR_ROWS} rows of the weight's dtype")
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
+        raise ValueError("the bias must be contiguous, in the weight's dtype")
+    buffers = _scratch.__dict__
+    scratch = buffers.get(x.dtype)
     if scratch is None or scratch.numel() < in_features * LINEAR_ROWS:
-        scratch = _scratch.buffer = torch.empty(in_features * LINEAR_ROWS)
-    out = torch.empty(rows, panels * 16)
-    kernel(torch.float32).glm_decode_linear(
+        scratch = buffers[x.dtype] = torch.empty(in_features * LINEAR_ROWS, dtype=x.dtype)
+    out = torch.empty(rows, panels * 16, dtype=x.dtype)
+    kernel(x.dtype).glm_decode_linear(
         x.data_ptr(), x.stride(0), packed.data_ptr(),
-        None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0), rows,
-        panels * 16, in_features, scratch.data_ptr(), torch.get_num_threads())
+        None if bias is None else bias.data_ptr(), out.data_ptr(),
+        out.stride(0), rows, panels * 16, in_features, scratch.data_ptr(),
+        torch.get_num_threads())
     return out

@@ -218,11 +218,12 @@ class GLMInfillForCausalLM(nn.Module, SupportsMRoPE):
         self.logits_processor = LogitsProcessor(self.vocab_size)
         if current_platform.is_cpu():  # built (or found) while the model loads, not mid-step
             cpu_decode.kernel(vllm_config.model_config.dtype)
-        # CPU, float32, eager: GELU fused into h -> 4h, and decode steps' linear layers on
-        # cpu_decode.decode_linear where a second copy of the weights is small enough
-        self.fuses_gelu = (current_platform.is_cpu() and torch.backends.mkldnn.is_available()
-                           and vllm_config.model_config.dtype == torch.float32
-                           and vllm_config.compilation_config.mode == CompilationMode.NONE)
+        # CPU, eager: decode steps' linear layers on cpu_decode.decode_linear where a second
+        # copy of the weights is small enough; in float32 the GELU fused into h -> 4h
+        self.cpu_eager = (current_platform.is_cpu()
+                          and vllm_config.compilation_config.mode == CompilationMode.NONE)
+        self.fuses_gelu = (self.cpu_eager and torch.backends.mkldnn.is_available()
+                           and vllm_config.model_config.dtype == torch.float32)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list
                                   ) -> tuple[torch.Tensor, int]:
@@ -263,8 +264,9 @@ class GLMInfillForCausalLM(nn.Module, SupportsMRoPE):
             loaded.add(name)
         for layer in self.transformer.layers:
             layer.attention.fold_key_scale()
-        if self.fuses_gelu:
+        if self.cpu_eager:
             self.pack_for_decode()
+        if self.fuses_gelu:
             for layer in self.transformer.layers:
                 layer.mlp.fuse_gelu()
         return loaded

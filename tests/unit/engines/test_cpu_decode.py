@@ -125,21 +125,26 @@ def test_many_heads_and_one_request(dtype) -> None:
                                    reference(query, keys, values), **tolerance(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("rows", "in_features", "out_features"),
                          [(1, 768, 2304), (5, 64, 48), (16, 3072, 768), (16, 128, 16)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_decode_linear_matches_f_linear(rows, in_features, out_features, with_bias) -> None:
-    """float32 up to summation order (1e-5 of sums of ~in_features products), rows taken
-    from a wider tensor as vLLM hands them over."""
-    needs_kernel(torch.float32)
+def test_decode_linear_matches_f_linear(dtype, rows, in_features, out_features,
+                                        with_bias) -> None:
+    """Against float64 sums of the same inputs: float32 up to summation order, bfloat16 up
+    to the output's rounding; rows taken from a wider tensor as vLLM hands them over."""
+    needs_kernel(dtype)
     generator = torch.Generator().manual_seed(rows)
-    weight = torch.randn(out_features, in_features, generator=generator) / in_features ** 0.5
-    bias = torch.randn(out_features, generator=generator) if with_bias else None
-    x = torch.randn(rows, in_features + 8, generator=generator)[:, :in_features]
+    weight = (torch.randn(out_features, in_features, generator=generator)
+              / in_features ** 0.5).to(dtype)
+    bias = torch.randn(out_features, generator=generator).to(dtype) if with_bias else None
+    x = torch.randn(rows, in_features + 8, generator=generator).to(dtype)[:, :in_features]
     out = cpu_decode.decode_linear(x, cpu_decode.pack_linear(weight), bias)
+    assert out.dtype == dtype
     expected = torch.nn.functional.linear(x.double(), weight.double(),
                                           None if bias is None else bias.double())
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    close = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else tolerance(dtype)
+    torch.testing.assert_close(out.double(), expected, **close)
 
 
 def test_decode_linear_refuses_what_it_cannot_do() -> None:
@@ -147,8 +152,10 @@ def test_decode_linear_refuses_what_it_cannot_do() -> None:
     packed = cpu_decode.pack_linear(torch.zeros(32, 64))
     with pytest.raises(ValueError, match="up to 16"):
         cpu_decode.decode_linear(torch.zeros(17, 64), packed, None)
+    with pytest.raises(ValueError, match="dtype"):
+        cpu_decode.decode_linear(torch.zeros(4, 64, dtype=torch.bfloat16), packed, None)
     assert not cpu_decode.linear_packable(torch.zeros(40, 64))  # 40 outputs: not 16 | 40
-    assert not cpu_decode.linear_packable(torch.zeros(32, 64, dtype=torch.bfloat16))
+    assert not cpu_decode.linear_packable(torch.zeros(32, 64, dtype=torch.float16))
 
 
 def test_wrong_block_is_caught() -> None:
