@@ -151,15 +151,15 @@ class GLMMLP(nn.Module):
         layer.weight = nn.Parameter(layer.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        decode_weight = getattr(self.dense_h_to_4h, "decode_weight", None)
-        if self.h_to_4h_gelu is not None and decode_weight is not None \
-                and x.shape[0] <= cpu_decode.LINEAR_ROWS:  # its cpu_linear is not used
-            x = F.gelu(cpu_decode.decode_linear(x, decode_weight, self.dense_h_to_4h.bias))
-        elif self.h_to_4h_gelu is not None:
-            x = modeling.linear(x, self.h_to_4h_gelu, self.dense_h_to_4h.bias, gelu=True)
-        else:
-            x, _ = self.dense_h_to_4h(x)
+        layer = self.dense_h_to_4h
+        if self.h_to_4h_gelu is None:
+            x, _ = layer(x)
             x = F.gelu(x)  # exact erf GELU (hub)
+        elif (packed := getattr(layer, "decode_weight", None)) is not None \
+                and x.shape[0] <= cpu_decode.LINEAR_ROWS:  # the layer's cpu_linear is unused
+            x = F.gelu(cpu_decode.decode_linear(x, packed, layer.bias))
+        else:
+            x = modeling.linear(x, self.h_to_4h_gelu, layer.bias, gelu=True)
         x, _ = self.dense_4h_to_h(x)
         return x
 
