@@ -65,11 +65,11 @@ def cache_dir() -> Path:
 
 
 def build(dtype: torch.dtype, directory: Path) -> Path:
-    """The kernel for `dtype` as a shared library in `directory`, compiled unless already
+    """The kernels for `dtype` as a shared library in `directory`, compiled unless already
     there. Raises `RuntimeError` with the compiler's first line of complaint."""
     flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", *FLAGS[dtype]]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    library = directory / f"decode_attention-{str(dtype).removeprefix('torch.')}-{key}.so"
+    library = directory / f"cpu_decode-{str(dtype).removeprefix('torch.')}-{key}.so"
     if library.exists():
         return library
     directory.mkdir(parents=True, exist_ok=True)
