@@ -1,6 +1,9 @@
-/* GLM's decode attention on the CPU: one query per request over vLLM's paged KV cache.
+/* GLM's decode steps on the CPU: `glm_decode_attention`, one query per request over vLLM's
+ * paged KV cache, and `glm_decode_linear`, a few rows times a packed copy of a weight (at the
+ * end of this file). Both are bound by what they read; pipeline/engines/vllm/cpu_decode.py
+ * has the figures.
  *
- * Why not vLLM's CPU kernel: on a decode step it reads each request's cache one head at a
+ * Attention, and why not vLLM's CPU kernel: on a decode step it reads each request's cache one head at a
  * time, and one head of one block is a 4-16 KiB island (the layout below), so the reads are
  * many short streams that wait on memory; in bfloat16 it reaches about half the machine's
  * bandwidth (pipeline/engines/vllm/cpu_decode.py has the figures). Here each work item takes

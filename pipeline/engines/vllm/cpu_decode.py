@@ -52,7 +52,7 @@ KV_LAYOUT = "vec"  # vLLM's CPU attention ISA whose cache layout the kernel read
 
 
 def cpu_supports(dtype: torch.dtype) -> bool:
-    """Whether this CPU has the instructions the kernel needs for `dtype`."""
+    """Whether this CPU has the instructions the kernels need for `dtype`."""
     if dtype == torch.bfloat16:
         return torch.cpu._is_avx512_bf16_supported()
     return dtype == torch.float32 and torch.cpu._is_avx512_supported()
@@ -96,7 +96,7 @@ def kernel(dtype: torch.dtype) -> ctypes.CDLL | None:
     try:
         library = ctypes.CDLL(str(build(dtype, cache_dir())))
     except (OSError, RuntimeError) as err:
-        log.warning("GLM decode attention kernel unavailable, using vLLM's: %s", err)
+        log.warning("GLM's CPU decode kernels unavailable, using vLLM's: %s", err)
         return None
     pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     library.glm_decode_attention.argtypes = [pointer, size, pointer, pointer, size, pointer,
