@@ -167,6 +167,25 @@ def glm_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                segments)
 
 
+def decode_step(layer_name: str, x: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The layer's KV cache, block table, sequence lengths and slots when this step is decodes
+    only, one row of `x` per request, with the cache in the layout of `cpu_decode`'s kernels,
+    which then store K and V themselves; else None (the op does the step)."""
+    context = get_forward_context()
+    if not isinstance(context.attn_metadata, dict):  # warm-up runs; micro-batching
+        return None
+    metadata = context.attn_metadata[layer_name]
+    layer = context.no_compile_layers[layer_name]
+    slots = context.slot_mapping.get(layer_name)
+    if (metadata.max_query_len != 1 or slots is None or metadata.seq_lens.numel() != x.shape[0]
+            or layer.attn_backend.forward_includes_kv_cache_update
+            or layer.impl.kv_cache_dtype != "auto"
+            or not cpu_decode.usable(x, layer.kv_cache, getattr(layer, "isa", ""))):
+        return None
+    return layer.kv_cache, metadata.block_table, metadata.seq_lens, slots
+
+
 class _StepCache:
     """What one step's layers share, worked out by the first layer: every layer gets the
     same attention metadata object for a step (one KV-cache group), and vLLM's CPU backend

@@ -228,3 +228,125 @@ void glm_decode_linear(const element *x, int64_t x_stride, const element *packed
         for (int64_t m = 0; m < rows; ++m) store16(out + m * out_stride + 16 * panel, acc[m]);
     }
 }
+
+/* erf GELU of n values in place, x * 0.5 * (1 + erf(x / sqrt 2)), with erf as torch's and
+ * oneDNN's CPU kernels compute it (Abramowitz & Stegun 7.1.26: |error| < 1.5e-7). */
+static void gelu(element *x, int64_t n, int32_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i += 16) {
+        const __m512 v = load16(x + i);
+        const __m512 z = _mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f));
+        const __m512 az = _mm512_abs_ps(z);
+        const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f),
+                                       _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), az,
+                                                       _mm512_set1_ps(1.f)));
+        __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+        r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+        r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+        r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)));
+        const __m512 erf_abs = _mm512_fnmadd_ps(_mm512_mul_ps(e, t), r, _mm512_set1_ps(1.f));
+        const __m512 erf = _mm512_or_ps(erf_abs, _mm512_and_ps(z, _mm512_set1_ps(-0.f)));
+        store16(x + i, _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)),
+                                     _mm512_add_ps(_mm512_set1_ps(1.f), erf)));
+    }
+}
+
+/* LayerNorm of each row as torch computes it: mean and variance in float32, then
+ * (x * rstd + (-rstd * mean)) * weight + bias (the file is built without FMA contraction). */
+static void layer_norm(const element *x, const element *weight, const element *bias,
+                       element *out, int64_t rows, int64_t width, float eps, int32_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < rows; ++m) {
+        const element *row = x + m * width;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < width; i += 16) sum = _mm512_add_ps(sum, load16(row + i));
+        const float mean = _mm512_reduce_add_ps(sum) / (float)width;
+        __m512 squares = _mm512_setzero_ps();
+        for (int64_t i = 0; i < width; i += 16) {
+            const __m512 d = _mm512_sub_ps(load16(row + i), _mm512_set1_ps(mean));
+            squares = _mm512_add_ps(squares, _mm512_mul_ps(d, d));
+        }
+        const float variance = _mm512_reduce_add_ps(squares) / (float)width;
+        const float rstd = 1.f / sqrtf(variance + eps);
+        const __m512 scale = _mm512_set1_ps(rstd), shift = _mm512_set1_ps(-rstd * mean);
+        for (int64_t i = 0; i < width; i += 16) {
+            const __m512 normed = _mm512_add_ps(_mm512_mul_ps(load16(row + i), scale), shift);
+            store16(out + m * width + i,
+                    _mm512_add_ps(_mm512_mul_ps(normed, load16(weight + i)), load16(bias + i)));
+        }
+    }
+}
+
+/* x += y over n elements (rounded to the element type, as torch's add). */
+static void add_rows(element *x, const element *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) store16(x + i, _mm512_add_ps(load16(x + i), load16(y + i)));
+}
+
+/* Store each row's K and V (every head) in its cache slot, vLLM's "vec" layout (the top of
+ * this file): K transposed, V as is. Rows whose slot is negative (padding) are skipped. */
+static void cache_keys_values(const element *keys, const element *values, int64_t row_stride,
+                              element *kv_cache, const int64_t *slots, int64_t rows,
+                              int64_t heads, int64_t head_dim, int64_t block_size) {
+    const int64_t chunk = 2 * block_size * head_dim;
+    for (int64_t m = 0; m < rows; ++m) {
+        if (slots[m] < 0) continue;
+        const int64_t block = slots[m] / block_size, offset = slots[m] % block_size;
+        for (int64_t h = 0; h < heads; ++h) {
+            element *k = kv_cache + (block * heads + h) * chunk + offset;
+            element *v = kv_cache + (block * heads + h) * chunk + block_size * head_dim
+                         + offset * head_dim;
+            const element *key = keys + m * row_stride + h * head_dim;
+            const element *value = values + m * row_stride + h * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) {
+                k[d * block_size] = key[d];
+                v[d] = value[d];
+            }
+        }
+    }
+}
+
+/* The parameters of one GLM block (pipeline/engines/vllm/model.py, GLMBlock): LayerNorms as
+ * they are, linear weights packed for glm_decode_linear, K's rows of the QKV weight already
+ * divided by sqrt(head_dim). One tensor-parallel rank holds the whole block. */
+struct glm_block {
+    const element *input_norm_weight, *input_norm_bias;
+    const element *qkv_weight, *qkv_bias;
+    const element *dense_weight, *dense_bias;
+    const element *post_norm_weight, *post_norm_bias;
+    const element *h_to_4h_weight, *h_to_4h_bias;
+    const element *four_h_to_h_weight, *four_h_to_h_bias;
+    int64_t hidden, heads, head_dim;
+    float eps;
+};
+
+/* One GLM block for a decode step's rows (one per request, <= LINEAR_ROWS), x [rows][hidden]
+ * updated in place: the same operations in the same order as GLMBlock.forward does them on
+ * these kernels, rounded where it rounds, in one call instead of about twenty torch ops.
+ * `work` holds rows * 10 * hidden elements and 4 * hidden * LINEAR_ROWS more. */
+void glm_decode_block(const struct glm_block *b, element *x, int64_t rows, element *kv_cache,
+                      const int32_t *block_table, int64_t block_table_stride,
+                      const int32_t *seq_lens, const int64_t *slots, int64_t block_size,
+                      element *work, int32_t threads) {
+    const int64_t h = b->hidden, local = b->heads * b->head_dim;
+    element *normed = work, *qkv = normed + rows * h, *attended = qkv + rows * 3 * local;
+    element *out = attended + rows * local, *wide = out + rows * h, *scratch = wide + rows * 4 * h;
+
+    layer_norm(x, b->input_norm_weight, b->input_norm_bias, normed, rows, h, b->eps, threads);
+    glm_decode_linear(normed, h, b->qkv_weight, b->qkv_bias, qkv, 3 * local, rows, 3 * local,
+                      h, scratch, threads);
+    cache_keys_values(qkv + local, qkv + 2 * local, 3 * local, kv_cache, slots, rows, b->heads,
+                      b->head_dim, block_size);
+    glm_decode_attention(qkv, 3 * local, kv_cache, block_table, block_table_stride, seq_lens,
+                         attended, local, rows, b->heads, b->head_dim, block_size, threads);
+    glm_decode_linear(attended, local, b->dense_weight, b->dense_bias, out, h, rows, h, local,
+                      scratch, threads);
+    add_rows(x, out, rows * h);
+    layer_norm(x, b->post_norm_weight, b->post_norm_bias, normed, rows, h, b->eps, threads);
+    glm_decode_linear(normed, h, b->h_to_4h_weight, b->h_to_4h_bias, wide, 4 * h, rows, 4 * h,
+                      h, scratch, threads);
+    gelu(wide, rows * 4 * h, threads);
+    glm_decode_linear(wide, 4 * h, b->four_h_to_h_weight, b->four_h_to_h_bias, out, h, rows, h,
+                      4 * h, scratch, threads);
+    add_rows(x, out, rows * h);
+}

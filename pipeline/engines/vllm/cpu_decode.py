@@ -67,7 +67,8 @@ def cache_dir() -> Path:
 def build(dtype: torch.dtype, directory: Path) -> Path:
     """The kernels for `dtype` as a shared library in `directory`, compiled unless already
     there. Raises `RuntimeError` with the compiler's first line of complaint."""
-    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", *FLAGS[dtype]]
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-ffp-contract=off",
+             *FLAGS[dtype]]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     library = directory / f"cpu_decode-{str(dtype).removeprefix('torch.')}-{key}.so"
     if library.exists():
@@ -88,6 +89,17 @@ def build(dtype: torch.dtype, directory: Path) -> Path:
     return library
 
 
+class BlockParameters(ctypes.Structure):
+    """The C file's `struct glm_block`: where one block's parameters are, and its sizes."""
+
+    _fields_ = [*((name, ctypes.c_void_p) for name in (
+        "input_norm_weight", "input_norm_bias", "qkv_weight", "qkv_bias", "dense_weight",
+        "dense_bias", "post_norm_weight", "post_norm_bias", "h_to_4h_weight", "h_to_4h_bias",
+        "four_h_to_h_weight", "four_h_to_h_bias")),
+        ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
+        ("eps", ctypes.c_float)]
+
+
 @functools.cache
 def kernel(dtype: torch.dtype) -> ctypes.CDLL | None:
     """The loaded kernels for `dtype`, or None where they cannot run here (see the module)."""
@@ -103,7 +115,10 @@ def kernel(dtype: torch.dtype) -> ctypes.CDLL | None:
                                              pointer, size, size, size, size, size, threads]
     library.glm_decode_linear.argtypes = [pointer, size, pointer, pointer, pointer, size, size,
                                           size, size, pointer, threads]
-    for function in (library.glm_decode_attention, library.glm_decode_linear):
+    library.glm_decode_block.argtypes = [ctypes.POINTER(BlockParameters), pointer, size, pointer,
+                                         pointer, size, pointer, pointer, size, pointer, threads]
+    for function in (library.glm_decode_attention, library.glm_decode_linear,
+                     library.glm_decode_block):
         function.restype = None
     return library
 
@@ -124,6 +139,13 @@ def usable(query: torch.Tensor, kv_cache: torch.Tensor, isa: str) -> bool:
             and kernel(query.dtype) is not None)
 
 
+def _check_cache_inputs(block_table: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError("block_table and seq_lens must be int32")
+    if block_table.stride(1) != 1 or not seq_lens.is_contiguous():
+        raise ValueError("block_table rows and seq_lens must be contiguous")
+
+
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                      seq_lens: torch.Tensor, output: torch.Tensor) -> None:
     """Write each request's attention into `output`: `query` and `output` [requests, heads,
@@ -134,10 +156,7 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     for rows in (query, output):
         if rows.stride(2) != 1 or rows.stride(1) != head_dim:
             raise ValueError("query and output need contiguous heads")
-    if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32:
-        raise ValueError("block_table and seq_lens must be int32")
-    if block_table.stride(1) != 1 or not seq_lens.is_contiguous():
-        raise ValueError("block_table rows and seq_lens must be contiguous")
+    _check_cache_inputs(block_table, seq_lens)
     kernel(query.dtype).glm_decode_attention(
         query.data_ptr(), query.stride(0), kv_cache.data_ptr(), block_table.data_ptr(),
         block_table.stride(0), seq_lens.data_ptr(), output.data_ptr(), output.stride(0),
@@ -163,7 +182,7 @@ def linear_packable(weight: torch.Tensor) -> bool:
             and kernel(weight.dtype) is not None)
 
 
-_scratch = threading.local()  # per calling thread and dtype: x transposed for the kernel
+_scratch = threading.local()  # per calling thread and dtype: the kernels' work memory
 
 
 def decode_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
@@ -176,10 +195,7 @@ def decode_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"decode_linear takes up to {LINEAR_ROWS} rows of the weight's dtype")
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         raise ValueError("the bias must be contiguous, in the weight's dtype")
-    buffers = _scratch.__dict__
-    scratch = buffers.get(x.dtype)
-    if scratch is None or scratch.numel() < in_features * LINEAR_ROWS:
-        scratch = buffers[x.dtype] = torch.empty(in_features * LINEAR_ROWS, dtype=x.dtype)
+    scratch = _buffer(x.dtype, in_features * LINEAR_ROWS)
     out = torch.empty(rows, panels * 16, dtype=x.dtype)
     kernel(x.dtype).glm_decode_linear(
         x.data_ptr(), x.stride(0), packed.data_ptr(),
@@ -187,3 +203,57 @@ def decode_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
         out.stride(0), rows, panels * 16, in_features, scratch.data_ptr(),
         torch.get_num_threads())
     return out
+
+
+def _buffer(dtype: torch.dtype, elements: int) -> torch.Tensor:
+    """This thread's scratch memory for the kernels, grown as needed."""
+    buffers = _scratch.__dict__
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < elements:
+        buffer = buffers[dtype] = torch.empty(elements, dtype=dtype)
+    return buffer
+
+
+class DecodeBlock:
+    """One GLM block of a decode step in one kernel call (`glm_decode_block`): LayerNorm, QKV,
+    K and V stored in the paged cache, attention, dense, residual, LayerNorm, h -> 4h, GELU,
+    4h -> h, residual, in GLMBlock's order and roundings, where the torch path makes about
+    twenty op calls (each ~10 us of Python and dispatch on a 16-row step)."""
+
+    def __init__(self, norms: tuple[torch.nn.LayerNorm, torch.nn.LayerNorm],
+                 linears: list[tuple[torch.Tensor, torch.Tensor]], heads: int, head_dim: int):
+        """`norms`: input and post-attention LayerNorm; `linears`: (packed weight, bias) of
+        QKV (K's rows already divided by sqrt(head_dim)), dense, h -> 4h and 4h -> h."""
+        hidden = norms[0].weight.numel()
+        self.dtype = norms[0].weight.dtype
+        self.hidden = hidden
+        self.tensors = [t.detach().contiguous() for pair in (
+            (norms[0].weight, norms[0].bias), *linears[:2], (norms[1].weight, norms[1].bias),
+            *linears[2:]) for t in pair]
+        self.parameters = BlockParameters(*(t.data_ptr() for t in self.tensors), hidden, heads,
+                                          head_dim, norms[0].eps)
+
+    @staticmethod
+    def fits(hidden: int, heads: int, head_dim: int) -> bool:
+        """Whether the kernel takes a block of these sizes (one rank holding every head)."""
+        return hidden % 16 == 0 and heads * head_dim == hidden
+
+    def __call__(self, x: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """x [requests <= LINEAR_ROWS, hidden] (contiguous, updated in place and returned),
+        one row per request; the layer's cache as `decode_attention` takes it, `slots` int64
+        where each row's K and V go."""
+        rows = x.shape[0]
+        if rows > LINEAR_ROWS or not x.is_contiguous() or x.dtype != self.dtype:
+            raise ValueError(f"a decode block takes up to {LINEAR_ROWS} contiguous rows of "
+                             "its dtype")
+        if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.numel() < rows:
+            raise ValueError("slots must be contiguous int64, one per row")
+        _check_cache_inputs(block_table, seq_lens)
+        work = _buffer(self.dtype, rows * 10 * self.hidden + 4 * self.hidden * LINEAR_ROWS)
+        kernel(self.dtype).glm_decode_block(
+            ctypes.byref(self.parameters), x.data_ptr(), rows, kv_cache.data_ptr(),
+            block_table.data_ptr(), block_table.stride(0), seq_lens.data_ptr(),
+            slots.data_ptr(), cache_shape(kv_cache)[2], work.data_ptr(),
+            torch.get_num_threads())
+        return x

@@ -20,6 +20,9 @@ How GLM's blank infilling maps onto vLLM (docs/glm.md, "GLM inside vLLM"):
   cache holds the divided K; where the root is a power of two the division is folded into the
   K rows of the QKV weights, which gives the same bits), scores * mask + (-65504) * (1 - mask),
   erf GELU, LayerNorm eps 1e-5, logits tied to the word embedding.
+* CPU, eager: a decode step of at most 16 requests runs each block as one call of our kernel
+  (`cpu_decode.DecodeBlock`: the same operations and roundings, without twenty torch ops'
+  Python), where the weights have their packed copies (`pack_for_decode`).
 """
 
 from __future__ import annotations
@@ -46,10 +49,8 @@ from vllm.model_executor.models.interfaces import SupportsMRoPE
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.platforms import current_platform
 
-from pipeline.engines.vllm import (
-    attention,  # noqa: F401  registers torch.ops.glm_infill.attention
-    cpu_decode,
-)
+from pipeline.engines.vllm import attention as attention_op  # registers glm_infill::attention
+from pipeline.engines.vllm import cpu_decode
 from pipeline.engines.vllm.plugin import glm_config
 from pipeline.glm import modeling
 from pipeline.glm.checkpoint import LAYER_NORM_EPS, WEIGHTS_PREFIX, GLMConfig
@@ -171,8 +172,30 @@ class GLMBlock(nn.Module):
         self.attention = GLMAttention(config, f"{prefix}.attention")
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
         self.mlp = GLMMLP(config, f"{prefix}.mlp")
+        self.decode_block: cpu_decode.DecodeBlock | None = None  # `pack_decode_block`
+
+    def linear_layers(self) -> list[nn.Module]:
+        """QKV, dense, h -> 4h, 4h -> h: the order `cpu_decode.DecodeBlock` takes them in."""
+        return [self.attention.query_key_value, self.attention.dense, self.mlp.dense_h_to_4h,
+                self.mlp.dense_4h_to_h]
+
+    def pack_decode_block(self) -> None:
+        """The whole block as one `cpu_decode.DecodeBlock` for decode steps, where its linear
+        layers have packed copies, K's scale is folded and this rank holds every head."""
+        attention, linears = self.attention, self.linear_layers()
+        if (attention.key_scale_folded
+                and all(hasattr(linear, "decode_weight") for linear in linears)
+                and cpu_decode.DecodeBlock.fits(self.input_layernorm.weight.numel(),
+                                                attention.num_heads, attention.head_dim)):
+            self.decode_block = cpu_decode.DecodeBlock(
+                (self.input_layernorm, self.post_attention_layernorm),
+                [(linear.decode_weight, linear.bias) for linear in linears],
+                attention.num_heads, attention.head_dim)
 
     def forward(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        if self.decode_block is not None and (step := attention_op.decode_step(
+                self.attention.attn.layer_name, x)) is not None:
+            return self.decode_block(x, *step)
         x = x + self.attention(self.input_layernorm(x), block)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -272,19 +295,20 @@ class GLMInfillForCausalLM(nn.Module, SupportsMRoPE):
         return loaded
 
     def linear_layers(self) -> list[nn.Module]:
-        return [linear for layer in self.transformer.layers
-                for linear in (layer.attention.query_key_value, layer.attention.dense,
-                               layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h)]
+        return [linear for layer in self.transformer.layers for linear in layer.linear_layers()]
 
     def pack_for_decode(self) -> None:
         """Give every linear layer a copy of its weight packed for `cpu_decode.decode_linear`
         (`decode_weight`), if the copies fit in `DECODE_LINEAR_MAX_BYTES` and the kernel runs
-        here; `process_weights_after_loading` routes decode steps to it."""
+        here; `process_weights_after_loading` routes small steps to it, and every block whose
+        whole decode step can be one kernel call gets its `DecodeBlock`."""
         linears = self.linear_layers()
         if (sum(linear.weight.nbytes for linear in linears) <= cpu_decode.DECODE_LINEAR_MAX_BYTES
                 and all(cpu_decode.linear_packable(linear.weight) for linear in linears)):
             for linear in linears:
                 linear.decode_weight = cpu_decode.pack_linear(linear.weight)
+            for layer in self.transformer.layers:
+                layer.pack_decode_block()
 
     def process_weights_after_loading(self) -> None:
         """vLLM's hook after its own GEMM setup: steps of at most `LINEAR_ROWS` rows (decodes)

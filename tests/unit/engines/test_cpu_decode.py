@@ -211,3 +211,114 @@ def test_opt_out_and_a_failed_build_fall_back(monkeypatch, tmp_path) -> None:
     finally:
         cpu_decode.kernel.cache_clear()
     assert not cpu_decode.usable(query, cache, "amx")  # another layout: vLLM's kernel
+
+
+def block_parameters(hidden: int, dtype: torch.dtype, seed: int = 3):
+    """A GLM block's LayerNorms and (weight, bias) of QKV, dense, h -> 4h and 4h -> h."""
+    generator = torch.Generator().manual_seed(seed)
+    norms = []
+    for _ in range(2):
+        norm = torch.nn.LayerNorm(hidden, eps=1e-5)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.1 * torch.randn(hidden, generator=generator))
+            norm.bias.copy_(0.1 * torch.randn(hidden, generator=generator))
+        norms.append(norm.to(dtype))
+    linears = [((torch.randn(n, k, generator=generator) / k ** 0.5).to(dtype),
+                (0.1 * torch.randn(n, generator=generator)).to(dtype))
+               for n, k in ((3 * hidden, hidden), (hidden, hidden), (4 * hidden, hidden),
+                            (hidden, 4 * hidden))]
+    return norms, linears
+
+
+def block_by_ops(x, norms, linears, cache, table, lengths, slots, heads):
+    """GLMBlock.forward on a decode step as the model runs it op by op on these kernels:
+    vLLM's `reshape_and_cache` stores K and V."""
+    hidden = x.shape[1]
+    (qkv_w, qkv_b), (dense_w, dense_b), (up_w, up_b), (down_w, down_b) = (
+        (cpu_decode.pack_linear(w), b) for w, b in linears)
+    q, k, v = cpu_decode.decode_linear(norms[0](x), qkv_w, qkv_b).split(hidden, dim=-1)
+    blocks = cache.shape[0]
+    key_cache, value_cache = cache.view(blocks, heads, -1, hidden // heads).chunk(2, dim=2)
+    heads_of = (x.shape[0], heads, hidden // heads)
+    ops.cpu_attn_reshape_and_cache(k.reshape(heads_of), v.reshape(heads_of), key_cache,
+                                   value_cache, slots, cpu_decode.KV_LAYOUT)
+    attended = run_ours(q.reshape(heads_of), cache, table, lengths).view(x.shape)
+    x = x + cpu_decode.decode_linear(attended, dense_w, dense_b)
+    wide = torch.nn.functional.gelu(cpu_decode.decode_linear(norms[1](x), up_w, up_b))
+    return x + cpu_decode.decode_linear(wide, down_w, down_b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("heads", "block_size", "lengths"),
+                         [(2, 32, LENGTHS), (12, 64, [200] * 16), (4, 128, [1])])
+def test_decode_block_matches_the_ops(dtype, heads, block_size, lengths) -> None:
+    """One call does what the model's ops do on a decode step: the same cache (each request's
+    new K and V in its last slot, vLLM's layout: every other slot, the unused ones' NaN
+    included, untouched) and the same hidden rows, up to float32 rounding (LayerNorm's sums,
+    GELU's exp) or bfloat16's (a rounding flipped on the way)."""
+    needs_kernel(dtype)
+    head_dim = 64
+    hidden = heads * head_dim
+    cache, table, seq_lens, _, _ = paged_cache(lengths, heads, head_dim, block_size, dtype)
+    last = seq_lens.long() - 1
+    slots = table.long().gather(1, (last // block_size)[:, None])[:, 0] * block_size \
+        + last % block_size
+    norms, linears = block_parameters(hidden, dtype)
+    x = torch.randn(len(lengths), hidden, generator=torch.Generator().manual_seed(4)).to(dtype)
+    expected_cache = cache.clone()
+    expected = block_by_ops(x, norms, linears, expected_cache, table, seq_lens, slots, heads)
+    block = cpu_decode.DecodeBlock(tuple(norms), [(cpu_decode.pack_linear(w), b)
+                                                  for w, b in linears], heads, head_dim)
+    before = cache.clone()
+    ours = block(x.clone(), cache, table, seq_lens, slots)
+    close = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2 ** -7,
+                                                                         "atol": 2e-2}
+    torch.testing.assert_close(cache, expected_cache, equal_nan=True, **close)
+    written = (cache != before) & ~before.isnan()  # NaN != NaN: a written unused slot counts
+    assert int((written | (cache.isnan() != before.isnan())).sum()) <= 2 * hidden * len(lengths)
+    torch.testing.assert_close(ours.float(), expected.float(), **close)
+    if dtype == torch.bfloat16:  # flips are rare: nearly every element has the same bits
+        assert (ours != expected).float().mean() < 0.02
+
+
+def test_decode_block_gelu_and_norm_are_torchs() -> None:
+    """The block's LayerNorm and GELU against torch's: a block whose attention adds zeros and
+    whose MLP is the identity around the GELU, so that the output is x + GELU(LN(x)), on
+    rows of different means and spreads and a LayerNorm that spreads GELU's input over
+    [-6, 6] (erf's approximation is exercised where it bends and where it saturates)."""
+    needs_kernel(torch.float32)
+    hidden, heads, rows = 128, 2, 16
+    norms, _ = block_parameters(hidden, torch.float32)
+    with torch.no_grad():
+        norms[1].weight.fill_(3.5)
+    identity, zeros = torch.eye(hidden), torch.zeros(3 * hidden, hidden)
+    linears = [(zeros, torch.zeros(3 * hidden)),
+               (torch.zeros(hidden, hidden), torch.zeros(hidden)),
+               (torch.cat([identity, zeros]), torch.zeros(4 * hidden)),
+               (torch.cat([identity, zeros.T], 1), torch.zeros(hidden))]
+    scale = 1 + 0.1 * torch.arange(rows)[:, None]
+    x = torch.linspace(-6, 6, hidden) * scale + 0.5 * torch.arange(rows)[:, None]
+    cache, table, seq_lens, _, _ = paged_cache([5] * rows, heads, 64, 32, torch.float32)
+    slots = table[:, 0].long() * 32 + 4
+    block = cpu_decode.DecodeBlock(tuple(norms), [(cpu_decode.pack_linear(w), b)
+                                                  for w, b in linears], heads, 64)
+    ours = block(x.clone(), cache, table, seq_lens, slots)
+    expected = x + torch.nn.functional.gelu(norms[1](x))
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_decode_block_refuses_what_it_cannot_do() -> None:
+    needs_kernel(torch.float32)
+    norms, linears = block_parameters(128, torch.float32)
+    block = cpu_decode.DecodeBlock(tuple(norms), [(cpu_decode.pack_linear(w), b)
+                                                  for w, b in linears], 2, 64)
+    cache, table, seq_lens, _, _ = paged_cache([5, 5], 2, 64, 32, torch.float32)
+    slots = torch.tensor([4, 36])
+    with pytest.raises(ValueError, match="up to 16"):
+        block(torch.zeros(17, 128), cache, table, seq_lens, slots)
+    with pytest.raises(ValueError, match="int64"):
+        block(torch.zeros(2, 128), cache, table, seq_lens, slots.int())
+    with pytest.raises(ValueError, match="int32"):
+        block(torch.zeros(2, 128), cache, table.long(), seq_lens, slots)
+    assert not cpu_decode.DecodeBlock.fits(128, 1, 64)  # a tensor-parallel rank's heads
+    assert cpu_decode.DecodeBlock.fits(128, 2, 64)

@@ -208,36 +208,49 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list[int]
     return calls
 
 
+def count_block_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows of every `cpu_decode.DecodeBlock` call from now on (the call still runs)."""
+    calls: list[int] = []
+    run = cpu_decode.DecodeBlock.__call__
+    monkeypatch.setattr(cpu_decode.DecodeBlock, "__call__",
+                        lambda self, x, *rest: calls.append(len(x)) or run(self, x, *rest))
+    return calls
+
+
 def test_decode_steps_run_the_cpu_kernels(tiny_torch: TorchEngine, tiny_vllm: VLLMEngine,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a CPU that has the instructions, a decode step's attention is our kernel, and so
-    are the linear layers of every step of at most 16 rows, decodes or not
-    (pipeline/engines/vllm/cpu_decode.py); larger steps' are not. The answers are still the
-    torch engine's."""
+    """On a CPU that has the instructions, every block of a decode step is one kernel call
+    (`DecodeBlock`: its attention and linear layers included), and the linear layers of other
+    steps of at most 16 rows are our kernel (pipeline/engines/vllm/cpu_decode.py); larger
+    steps' are not. The answers are still the torch engine's."""
     if not cpu_decode.cpu_supports(torch.float32):
         pytest.skip("this CPU has no AVX-512: vLLM's decode attention runs")
+    blocks = count_block_calls(monkeypatch)
     attention = count_calls(monkeypatch, cpu_decode, "decode_attention")
     linear = count_calls(monkeypatch, cpu_decode, "decode_linear")
     requests = random_requests(tiny_torch.tokenizer, 8, seed=5)
     assert compare(tiny_torch.generate(requests), tiny_vllm.generate(requests)) < TOLERANCE
     layers = tiny_torch.config.num_layers
-    assert attention and len(attention) % layers == 0  # every layer of a step, none skipped
-    assert max(attention) > 1  # requests decoded together
+    assert blocks and len(blocks) % layers == 0  # every layer of a step, none skipped
+    assert max(blocks) > 1  # requests decoded together
+    assert attention == []  # a decode step's attention is inside the block
     assert len(linear) % (4 * layers) == 0  # a step's four linear layers in every layer
-    assert len(linear) >= 4 * len(attention) and max(linear) <= cpu_decode.LINEAR_ROWS
+    assert max(linear, default=0) <= cpu_decode.LINEAR_ROWS
 
 
 def test_decode_linear_copy_only_where_it_fits(slot: EngineSlot, stopping_model: Path,
                                               tiny_torch: TorchEngine,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A second copy of the weights over `DECODE_LINEAR_MAX_BYTES` is not made: oneDNN then
-    runs every step's linear layers, with the same answers."""
+    runs every step's linear layers (and no block is one kernel call), with the same
+    answers."""
     monkeypatch.setattr(cpu_decode, "DECODE_LINEAR_MAX_BYTES", 0)
     engine = slot.get(stopping_model, GLM_TEST_NO_DECODE_COPY="1")  # a new engine
     linear = count_calls(monkeypatch, cpu_decode, "decode_linear")
+    blocks = count_block_calls(monkeypatch)
     requests = random_requests(tiny_torch.tokenizer, 4, seed=6)
     assert compare(tiny_torch.generate(requests), engine.generate(requests)) < TOLERANCE
-    assert linear == []
+    assert linear == [] and blocks == []
 
 
 def test_ignore_eos_same_fixed_length_answers(tiny_torch: TorchEngine,
