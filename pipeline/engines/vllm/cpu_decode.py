@@ -17,6 +17,11 @@ request's whole KV cache. Both reads are what these kernels do better than vLLM'
   weights' memory again, so the model keeps it only while it is at most
   `DECODE_LINEAR_MAX_BYTES` per rank (glm-large: 1.2 GiB in float32; not glm-2b or
   glm-10b), for steps of at most `LINEAR_ROWS` rows; prefill steps keep oneDNN.
+* A whole block (`DecodeBlock`): where a block's weights have their packed copies, a decode
+  step runs each GLM block as one call (LayerNorm, QKV, K and V stored in the paged cache,
+  attention, dense, residual, LayerNorm, MLP with erf GELU, residual) in the model's order
+  and roundings, instead of about twenty torch ops whose Python and dispatch cost 2.4-2.7 ms
+  of a 16-row step: the step's forward float32 17.3 -> 15.8 ms, bfloat16 10.4 -> 8.8 ms.
 
 The kernels are compiled on first use (`cc -O3 -fopenmp`, AVX-512 flags) into a per-user
 cache keyed by the source and flags, loaded with ctypes, and run on torch's OpenMP runtime
