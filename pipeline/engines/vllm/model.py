@@ -193,8 +193,9 @@ class GLMBlock(nn.Module):
                 attention.num_heads, attention.head_dim)
 
     def forward(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        if self.decode_block is not None and (step := attention_op.decode_step(
-                self.attention.attn.layer_name, x)) is not None:
+        if (self.decode_block is not None and x.shape[0] <= cpu_decode.LINEAR_ROWS
+                and (step := attention_op.decode_step(self.attention.attn.layer_name, x))
+                is not None):
             return self.decode_block(x, *step)
         x = x + self.attention(self.input_layernorm(x), block)
         return x + self.mlp(self.post_attention_layernorm(x))

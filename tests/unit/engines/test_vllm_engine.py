@@ -238,6 +238,23 @@ def test_decode_steps_run_the_cpu_kernels(tiny_torch: TorchEngine, tiny_vllm: VL
     assert max(linear, default=0) <= cpu_decode.LINEAR_ROWS
 
 
+def test_decode_steps_of_more_rows_than_a_block_call_run_op_by_op(
+        tiny_torch: TorchEngine, slot: EngineSlot, stopping_model: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step of more requests than one block call takes (`LINEAR_ROWS`) runs op by op
+    (our decode attention, oneDNN's GEMMs); steps of fewer, later, are block calls again."""
+    if not cpu_decode.cpu_supports(torch.float32):
+        pytest.skip("this CPU has no AVX-512: vLLM's decode attention runs")
+    blocks = count_block_calls(monkeypatch)
+    attention = count_calls(monkeypatch, cpu_decode, "decode_attention")
+    engine = slot.get(stopping_model, max_num_seqs=32)  # a new engine
+    requests = with_params(random_requests(tiny_torch.tokenizer, 24, seed=7),
+                           SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert compare(tiny_torch.generate(requests), engine.generate(requests)) < TOLERANCE
+    assert max(attention) > cpu_decode.LINEAR_ROWS
+    assert blocks and max(blocks) <= cpu_decode.LINEAR_ROWS
+
+
 def test_decode_linear_copy_only_where_it_fits(slot: EngineSlot, stopping_model: Path,
                                               tiny_torch: TorchEngine,
                                               monkeypatch: pytest.MonkeyPatch) -> None:

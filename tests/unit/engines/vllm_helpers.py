@@ -55,14 +55,14 @@ class EngineSlot:
         self.engine: VLLMEngine | None = None
 
     def get(self, model_dir: Path, control: str = "", record_logits: bool = True,
-            **env: str) -> VLLMEngine:
-        key = (str(model_dir), control, record_logits, tuple(sorted(env.items())))
+            max_num_seqs: int = 4, **env: str) -> VLLMEngine:
+        key = (str(model_dir), control, record_logits, max_num_seqs, tuple(sorted(env.items())))
         if key != self.key or self.engine is None:
             from pipeline.engines.vllm.engine import VLLMEngine
 
             self.close()
             with environment(**IN_PROCESS, **env):
-                self.engine = VLLMEngine(model_dir, options=VLLMOptions(max_num_seqs=4),
+                self.engine = VLLMEngine(model_dir, options=VLLMOptions(max_num_seqs=max_num_seqs),
                                          record_logits=record_logits)
             self.key = key
         return self.engine
