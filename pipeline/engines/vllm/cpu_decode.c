@@ -177,55 +177,69 @@ void glm_decode_attention(const element *query, int64_t query_row_stride,
     }
 }
 
-#define LINEAR_ROWS 16
+#define LINEAR_ROWS 16 /* rows a panel's pass keeps in registers */
+#define MAX_ROWS 64     /* rows of a call: up to four passes over each panel */
 #define PREFETCH_BYTES 8192 /* how far ahead of use the weight stream is fetched */
 
-/* out[m][n] = bias[n] + sum over k of x[m][k] w[n][k], for a decode step's rows (<= 16).
+/* out[m][n] = bias[n] + sum over k of x[m][k] w[n][k], for a decode step's rows (<= 64).
  * `packed` holds w panel by panel, 16 outputs a panel (`pack_linear`): float32 [n / 16][k][16],
  * bfloat16 [n / 16][k / 2][16][2] (pairs of k, as AVX512-BF16's dot product takes them). Each
  * thread streams its panels from end to end, software-prefetched PREFETCH_BYTES ahead, and
- * every weight vector it loads feeds 16 FMAs (dot products), one per row; rows past `rows`
- * are zeros. `scratch` holds x transposed so that one cache line serves all 16 rows: [k][16]
- * floats, or [k / 2][16] pairs. oneDNN's GEMM at 16 rows reaches about 60% of the memory
- * bandwidth this gets. Sums in float32, bfloat16 output rounded to nearest even. */
+ * every weight vector it loads feeds 16 FMAs (dot products), one per row of a group of 16;
+ * a second group (rows 16-31, ...) passes over the same panel again while it is in cache.
+ * Rows past `rows` are zeros. `scratch` holds x transposed so that one cache line serves a
+ * group's 16 rows: [group][k][16] floats, or [group][k / 2][16] pairs. oneDNN's GEMM at 16
+ * rows reaches about 60% of the memory bandwidth this gets. Sums in float32, bfloat16 output
+ * rounded to nearest even. */
 void glm_decode_linear(const element *x, int64_t x_stride, const element *packed,
                        const element *bias, element *out, int64_t out_stride, int64_t rows,
                        int64_t n, int64_t k, element *scratch, int32_t threads) {
+    const int64_t groups = (rows + LINEAR_ROWS - 1) / LINEAR_ROWS;
 #ifdef GLM_BF16
-    uint32_t *pairs = (uint32_t *)scratch;
-    for (int64_t i = 0; i < k / 2; ++i)
-        for (int64_t m = 0; m < LINEAR_ROWS; ++m)
-            pairs[i * LINEAR_ROWS + m] = m < rows ? *(const uint32_t *)(x + m * x_stride + 2 * i)
-                                                  : 0u;
     const int64_t steps = k / 2, step_elements = 32;
+    uint32_t *pairs = (uint32_t *)scratch;
+    for (int64_t g = 0; g < groups; ++g)
+        for (int64_t i = 0; i < steps; ++i)
+            for (int64_t j = 0; j < LINEAR_ROWS; ++j) {
+                const int64_t m = g * LINEAR_ROWS + j;
+                pairs[(g * steps + i) * LINEAR_ROWS + j] =
+                    m < rows ? *(const uint32_t *)(x + m * x_stride + 2 * i) : 0u;
+            }
 #else
-    for (int64_t i = 0; i < k; ++i)
-        for (int64_t m = 0; m < LINEAR_ROWS; ++m)
-            scratch[i * LINEAR_ROWS + m] = m < rows ? x[m * x_stride + i] : 0.f;
     const int64_t steps = k, step_elements = 16;
+    for (int64_t g = 0; g < groups; ++g)
+        for (int64_t i = 0; i < steps; ++i)
+            for (int64_t j = 0; j < LINEAR_ROWS; ++j) {
+                const int64_t m = g * LINEAR_ROWS + j;
+                scratch[(g * steps + i) * LINEAR_ROWS + j] = m < rows ? x[m * x_stride + i] : 0.f;
+            }
 #endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t panel = 0; panel < n / 16; ++panel) {
         const element *w = packed + panel * k * 16;
         const __m512 b = bias ? load16(bias + 16 * panel) : _mm512_setzero_ps();
-        __m512 acc[LINEAR_ROWS];
-        for (int m = 0; m < LINEAR_ROWS; ++m) acc[m] = b;
-        for (int64_t i = 0; i < steps; ++i) {
-            const element *weights = w + i * step_elements;
-            _mm_prefetch((const char *)weights + PREFETCH_BYTES, _MM_HINT_T0);
+        for (int64_t g = 0; g < groups; ++g) {
+            __m512 acc[LINEAR_ROWS];
+            for (int j = 0; j < LINEAR_ROWS; ++j) acc[j] = b;
+            for (int64_t i = 0; i < steps; ++i) {
+                const element *weights = w + i * step_elements;
+                if (g == 0) _mm_prefetch((const char *)weights + PREFETCH_BYTES, _MM_HINT_T0);
 #ifdef GLM_BF16
-            const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)weights);
-            const uint32_t *column = pairs + i * LINEAR_ROWS;
-            for (int m = 0; m < LINEAR_ROWS; ++m)
-                acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32((int)column[m]), wv);
+                const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)weights);
+                const uint32_t *column = pairs + (g * steps + i) * LINEAR_ROWS;
+                for (int j = 0; j < LINEAR_ROWS; ++j)
+                    acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_set1_epi32((int)column[j]),
+                                              wv);
 #else
-            const __m512 wv = _mm512_loadu_ps(weights);
-            const float *column = scratch + i * LINEAR_ROWS;
-            for (int m = 0; m < LINEAR_ROWS; ++m)
-                acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(column[m]), wv, acc[m]);
+                const __m512 wv = _mm512_loadu_ps(weights);
+                const float *column = scratch + (g * steps + i) * LINEAR_ROWS;
+                for (int j = 0; j < LINEAR_ROWS; ++j)
+                    acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(column[j]), wv, acc[j]);
 #endif
+            }
+            for (int64_t j = 0; j < LINEAR_ROWS && g * LINEAR_ROWS + j < rows; ++j)
+                store16(out + (g * LINEAR_ROWS + j) * out_stride + 16 * panel, acc[j]);
         }
-        for (int64_t m = 0; m < rows; ++m) store16(out + m * out_stride + 16 * panel, acc[m]);
     }
 }
 
@@ -320,10 +334,10 @@ struct glm_block {
     float eps;
 };
 
-/* One GLM block for a decode step's rows (one per request, <= LINEAR_ROWS), x [rows][hidden]
+/* One GLM block for a decode step's rows (one per request, <= MAX_ROWS), x [rows][hidden]
  * updated in place: the same operations in the same order as GLMBlock.forward does them on
  * these kernels, rounded where it rounds, in one call instead of about twenty torch ops.
- * `work` holds rows * 10 * hidden elements and 4 * hidden * LINEAR_ROWS more. */
+ * `work` holds rows * 10 * hidden elements and 4 * hidden * MAX_ROWS more. */
 void glm_decode_block(const struct glm_block *b, element *x, int64_t rows, element *kv_cache,
                       const int32_t *block_table, int64_t block_table_stride,
                       const int32_t *seq_lens, const int64_t *slots, int64_t block_size,

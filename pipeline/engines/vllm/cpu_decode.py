@@ -13,10 +13,12 @@ request's whole KV cache. Both reads are what these kernels do better than vLLM'
   GB/s. This one reads a second copy of each weight packed in panels of 16 outputs
   (`pack_linear`), each thread its panels end to end, prefetched ahead, every weight vector
   feeding 16 FMAs (bfloat16: dot products of pairs): glm-small's four layer shapes x 12
-  layers at 16 rows, float32 11.2 -> 7.9 ms, bfloat16 6.1 -> 4.7 ms. The copy costs the
+  layers at 16 rows, float32 11.2 -> 7.9 ms, bfloat16 6.1 -> 4.7 ms; up to 64 rows in
+  passes of 16 over each panel while it is in cache (32 rows: float32 16.1 -> 13.6 ms,
+  bfloat16 8.2 -> 7.0; 64 rows: on par with oneDNN). The copy costs the
   weights' memory again, so the model keeps it only while it is at most
   `DECODE_LINEAR_MAX_BYTES` per rank (glm-large: 1.2 GiB in float32; not glm-2b or
-  glm-10b), for steps of at most `LINEAR_ROWS` rows; prefill steps keep oneDNN.
+  glm-10b), for steps of at most `MAX_ROWS` rows; larger steps keep oneDNN.
 * A whole block (`DecodeBlock`): where a block's weights have their packed copies, a decode
   step runs each GLM block as one call (LayerNorm, QKV, K and V stored in the paged cache,
   attention, dense, residual, LayerNorm, MLP with erf GELU, residual) in the model's order
@@ -51,7 +53,7 @@ OPT_OUT = "GLM_INFILL_CPU_KERNELS"
 AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
 FLAGS = {torch.float32: AVX512, torch.bfloat16: [*AVX512, "-mavx512bf16", "-DGLM_BF16"]}
 MAX_HEAD_DIM = MAX_BLOCK_SIZE = 256  # the C file's bounds
-LINEAR_ROWS = 16  # rows of a decode_linear call (the C file's)
+MAX_ROWS = 64  # most rows of a decode_linear or DecodeBlock call (the C file's MAX_ROWS)
 DECODE_LINEAR_MAX_BYTES = 2 * 1024**3  # a second copy of the linear weights, per rank
 KV_LAYOUT = "vec"  # vLLM's CPU attention ISA whose cache layout the kernel reads
 
@@ -192,15 +194,15 @@ _scratch = threading.local()  # per calling thread and dtype: the kernels' work 
 
 def decode_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
                   ) -> torch.Tensor:
-    """x [rows <= LINEAR_ROWS, in] (rows contiguous) times the packed weight, plus bias; x,
+    """x [rows <= MAX_ROWS, in] (rows contiguous) times the packed weight, plus bias; x,
     the weight and the bias of one dtype."""
     rows, in_features = x.shape
     panels = packed.shape[0]
-    if rows > LINEAR_ROWS or x.stride(1) != 1 or x.dtype != packed.dtype:
-        raise ValueError(f"decode_linear takes up to {LINEAR_ROWS} rows of the weight's dtype")
+    if rows > MAX_ROWS or x.stride(1) != 1 or x.dtype != packed.dtype:
+        raise ValueError(f"decode_linear takes up to {MAX_ROWS} rows of the weight's dtype")
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         raise ValueError("the bias must be contiguous, in the weight's dtype")
-    scratch = _buffer(x.dtype, in_features * LINEAR_ROWS)
+    scratch = _buffer(x.dtype, in_features * MAX_ROWS)  # x transposed
     out = torch.empty(rows, panels * 16, dtype=x.dtype)
     kernel(x.dtype).glm_decode_linear(
         x.data_ptr(), x.stride(0), packed.data_ptr(),
@@ -245,17 +247,17 @@ class DecodeBlock:
 
     def __call__(self, x: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_lens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """x [requests <= LINEAR_ROWS, hidden] (contiguous, updated in place and returned),
+        """x [requests <= MAX_ROWS, hidden] (contiguous, updated in place and returned),
         one row per request; the layer's cache as `decode_attention` takes it, `slots` int64
         where each row's K and V go."""
         rows = x.shape[0]
-        if rows > LINEAR_ROWS or not x.is_contiguous() or x.dtype != self.dtype:
-            raise ValueError(f"a decode block takes up to {LINEAR_ROWS} contiguous rows of "
+        if rows > MAX_ROWS or not x.is_contiguous() or x.dtype != self.dtype:
+            raise ValueError(f"a decode block takes up to {MAX_ROWS} contiguous rows of "
                              "its dtype")
         if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.numel() < rows:
             raise ValueError("slots must be contiguous int64, one per row")
         _check_cache_inputs(block_table, seq_lens)
-        work = _buffer(self.dtype, rows * 10 * self.hidden + 4 * self.hidden * LINEAR_ROWS)
+        work = _buffer(self.dtype, rows * 10 * self.hidden + 4 * self.hidden * MAX_ROWS)
         kernel(self.dtype).glm_decode_block(
             ctypes.byref(self.parameters), x.data_ptr(), rows, kv_cache.data_ptr(),
             block_table.data_ptr(), block_table.stride(0), seq_lens.data_ptr(),

@@ -20,7 +20,7 @@ How GLM's blank infilling maps onto vLLM (docs/glm.md, "GLM inside vLLM"):
   cache holds the divided K; where the root is a power of two the division is folded into the
   K rows of the QKV weights, which gives the same bits), scores * mask + (-65504) * (1 - mask),
   erf GELU, LayerNorm eps 1e-5, logits tied to the word embedding.
-* CPU, eager: a decode step of at most 16 requests runs each block as one call of our kernel
+* CPU, eager: a decode step of at most 64 requests runs each block as one call of our kernel
   (`cpu_decode.DecodeBlock`: the same operations and roundings, without twenty torch ops'
   Python), where the weights have their packed copies (`pack_for_decode`).
 """
@@ -157,7 +157,7 @@ class GLMMLP(nn.Module):
             x, _ = layer(x)
             x = F.gelu(x)  # exact erf GELU (hub)
         elif (packed := getattr(layer, "decode_weight", None)) is not None \
-                and x.shape[0] <= cpu_decode.LINEAR_ROWS:  # the layer's cpu_linear is unused
+                and x.shape[0] <= cpu_decode.MAX_ROWS:  # the layer's cpu_linear is unused
             x = F.gelu(cpu_decode.decode_linear(x, packed, layer.bias))
         else:
             x = modeling.linear(x, self.h_to_4h_gelu, layer.bias, gelu=True)
@@ -193,7 +193,7 @@ class GLMBlock(nn.Module):
                 attention.num_heads, attention.head_dim)
 
     def forward(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        if (self.decode_block is not None and x.shape[0] <= cpu_decode.LINEAR_ROWS
+        if (self.decode_block is not None and x.shape[0] <= cpu_decode.MAX_ROWS
                 and (step := attention_op.decode_step(self.attention.attn.layer_name, x))
                 is not None):
             return self.decode_block(x, *step)
@@ -202,11 +202,11 @@ class GLMBlock(nn.Module):
 
 
 def _decode_rows_to(packed: torch.Tensor, prefill_linear):
-    """A vLLM `cpu_linear` that sends up to `LINEAR_ROWS` rows to `decode_linear`."""
+    """A vLLM `cpu_linear` that sends up to `MAX_ROWS` rows to `decode_linear`."""
 
     def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                    ) -> torch.Tensor:
-        if x.shape[0] <= cpu_decode.LINEAR_ROWS and x.dim() == 2:
+        if x.shape[0] <= cpu_decode.MAX_ROWS and x.dim() == 2:
             return cpu_decode.decode_linear(x, packed, bias)
         return prefill_linear(x, weight, bias)
 
@@ -312,7 +312,7 @@ class GLMInfillForCausalLM(nn.Module, SupportsMRoPE):
                 layer.pack_decode_block()
 
     def process_weights_after_loading(self) -> None:
-        """vLLM's hook after its own GEMM setup: steps of at most `LINEAR_ROWS` rows (decodes)
+        """vLLM's hook after its own GEMM setup: steps of at most `MAX_ROWS` rows (decodes)
         go to `decode_linear`, larger ones to vLLM's oneDNN GEMM (h -> 4h with its fused GELU
         is routed in `GLMMLP.forward`)."""
         for linear in self.linear_layers():

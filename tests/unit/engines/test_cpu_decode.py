@@ -127,12 +127,14 @@ def test_many_heads_and_one_request(dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("rows", "in_features", "out_features"),
-                         [(1, 768, 2304), (5, 64, 48), (16, 3072, 768), (16, 128, 16)])
+                         [(1, 768, 2304), (5, 64, 48), (16, 3072, 768), (16, 128, 16),
+                          (40, 768, 2304), (64, 3072, 768)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_decode_linear_matches_f_linear(dtype, rows, in_features, out_features,
                                         with_bias) -> None:
     """Against float64 sums of the same inputs: float32 up to summation order, bfloat16 up
-    to the output's rounding; rows taken from a wider tensor as vLLM hands them over."""
+    to the output's rounding; rows taken from a wider tensor as vLLM hands them over; 40 and
+    64 rows: passes of 16 rows over each panel, the last one partly zeros (40)."""
     needs_kernel(dtype)
     generator = torch.Generator().manual_seed(rows)
     weight = (torch.randn(out_features, in_features, generator=generator)
@@ -150,8 +152,8 @@ def test_decode_linear_matches_f_linear(dtype, rows, in_features, out_features,
 def test_decode_linear_refuses_what_it_cannot_do() -> None:
     needs_kernel(torch.float32)
     packed = cpu_decode.pack_linear(torch.zeros(32, 64))
-    with pytest.raises(ValueError, match="up to 16"):
-        cpu_decode.decode_linear(torch.zeros(17, 64), packed, None)
+    with pytest.raises(ValueError, match="up to 64"):
+        cpu_decode.decode_linear(torch.zeros(65, 64), packed, None)
     with pytest.raises(ValueError, match="dtype"):
         cpu_decode.decode_linear(torch.zeros(4, 64, dtype=torch.bfloat16), packed, None)
     assert not cpu_decode.linear_packable(torch.zeros(40, 64))  # 40 outputs: not 16 | 40
@@ -250,7 +252,8 @@ def block_by_ops(x, norms, linears, cache, table, lengths, slots, heads):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("heads", "block_size", "lengths"),
-                         [(2, 32, LENGTHS), (12, 64, [200] * 16), (4, 128, [1])])
+                         [(2, 32, LENGTHS), (12, 64, [200] * 16), (4, 128, [1]),
+                          (2, 32, [1, 30, 64, 100, 200] * 8)])
 def test_decode_block_matches_the_ops(dtype, heads, block_size, lengths) -> None:
     """One call does what the model's ops do on a decode step: the same cache (each request's
     new K and V in its last slot, vLLM's layout: every other slot, the unused ones' NaN
@@ -314,8 +317,8 @@ def test_decode_block_refuses_what_it_cannot_do() -> None:
                                                   for w, b in linears], 2, 64)
     cache, table, seq_lens, _, _ = paged_cache([5, 5], 2, 64, 32, torch.float32)
     slots = torch.tensor([4, 36])
-    with pytest.raises(ValueError, match="up to 16"):
-        block(torch.zeros(17, 128), cache, table, seq_lens, slots)
+    with pytest.raises(ValueError, match="up to 64"):
+        block(torch.zeros(65, 128), cache, table, seq_lens, slots)
     with pytest.raises(ValueError, match="int64"):
         block(torch.zeros(2, 128), cache, table, seq_lens, slots.int())
     with pytest.raises(ValueError, match="int32"):

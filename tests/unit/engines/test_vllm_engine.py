@@ -221,7 +221,7 @@ def test_decode_steps_run_the_cpu_kernels(tiny_torch: TorchEngine, tiny_vllm: VL
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """On a CPU that has the instructions, every block of a decode step is one kernel call
     (`DecodeBlock`: its attention and linear layers included), and the linear layers of other
-    steps of at most 16 rows are our kernel (pipeline/engines/vllm/cpu_decode.py); larger
+    steps of at most 64 rows are our kernel (pipeline/engines/vllm/cpu_decode.py); larger
     steps' are not. The answers are still the torch engine's."""
     if not cpu_decode.cpu_supports(torch.float32):
         pytest.skip("this CPU has no AVX-512: vLLM's decode attention runs")
@@ -235,24 +235,24 @@ def test_decode_steps_run_the_cpu_kernels(tiny_torch: TorchEngine, tiny_vllm: VL
     assert max(blocks) > 1  # requests decoded together
     assert attention == []  # a decode step's attention is inside the block
     assert len(linear) % (4 * layers) == 0  # a step's four linear layers in every layer
-    assert max(linear, default=0) <= cpu_decode.LINEAR_ROWS
+    assert max(linear, default=0) <= cpu_decode.MAX_ROWS
 
 
 def test_decode_steps_of_more_rows_than_a_block_call_run_op_by_op(
         tiny_torch: TorchEngine, slot: EngineSlot, stopping_model: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A decode step of more requests than one block call takes (`LINEAR_ROWS`) runs op by op
+    """A decode step of more requests than one block call takes (`MAX_ROWS`) runs op by op
     (our decode attention, oneDNN's GEMMs); steps of fewer, later, are block calls again."""
     if not cpu_decode.cpu_supports(torch.float32):
         pytest.skip("this CPU has no AVX-512: vLLM's decode attention runs")
     blocks = count_block_calls(monkeypatch)
     attention = count_calls(monkeypatch, cpu_decode, "decode_attention")
-    engine = slot.get(stopping_model, max_num_seqs=32)  # a new engine
-    requests = with_params(random_requests(tiny_torch.tokenizer, 24, seed=7),
-                           SamplingParams(max_new_tokens=6, ignore_eos=True))
+    engine = slot.get(stopping_model, max_num_seqs=80)  # a new engine
+    requests = with_params(random_requests(tiny_torch.tokenizer, 72, seed=7),
+                           SamplingParams(max_new_tokens=12, ignore_eos=True))
     assert compare(tiny_torch.generate(requests), engine.generate(requests)) < TOLERANCE
-    assert max(attention) > cpu_decode.LINEAR_ROWS
-    assert blocks and max(blocks) <= cpu_decode.LINEAR_ROWS
+    assert max(attention) > cpu_decode.MAX_ROWS
+    assert blocks and max(blocks) <= cpu_decode.MAX_ROWS
 
 
 def test_decode_linear_copy_only_where_it_fits(slot: EngineSlot, stopping_model: Path,
