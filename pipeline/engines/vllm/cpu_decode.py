@@ -256,6 +256,8 @@ class DecodeBlock:
                              "its dtype")
         if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.numel() < rows:
             raise ValueError("slots must be contiguous int64, one per row")
+        if kv_cache.dtype != self.dtype or not kv_cache.is_contiguous():
+            raise ValueError("the KV cache must be contiguous, in the block's dtype")
         _check_cache_inputs(block_table, seq_lens)
         work = _buffer(self.dtype, rows * 10 * self.hidden + 4 * self.hidden * MAX_ROWS)
         kernel(self.dtype).glm_decode_block(

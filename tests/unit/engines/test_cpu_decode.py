@@ -323,5 +323,7 @@ def test_decode_block_refuses_what_it_cannot_do() -> None:
         block(torch.zeros(2, 128), cache, table, seq_lens, slots.int())
     with pytest.raises(ValueError, match="int32"):
         block(torch.zeros(2, 128), cache, table.long(), seq_lens, slots)
+    with pytest.raises(ValueError, match="KV cache"):
+        block(torch.zeros(2, 128), cache.to(torch.bfloat16), table, seq_lens, slots)
     assert not cpu_decode.DecodeBlock.fits(128, 1, 64)  # a tensor-parallel rank's heads
     assert cpu_decode.DecodeBlock.fits(128, 2, 64)
