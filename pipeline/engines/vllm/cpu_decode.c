@@ -25,6 +25,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define MAX_HEAD_DIM 256
 #define MAX_HEADS_PER_ITEM 16
@@ -32,6 +33,8 @@
 
 #ifdef GLM_BF16
 typedef uint16_t element;
+typedef uint32_t unit; /* glm_decode_linear's transposed x: a pair of elements a unit */
+#define PAIR 2
 
 static inline __m512 load16(const element *p) {
     __m256i half = _mm256_loadu_si256((const __m256i *)p);
@@ -48,6 +51,8 @@ static inline void store16(element *p, __m512 x) {
 }
 #else
 typedef float element;
+typedef float unit;
+#define PAIR 1
 
 static inline __m512 load16(const element *p) { return _mm512_loadu_ps(p); }
 static inline float to_float(element x) { return x; }
@@ -195,25 +200,16 @@ void glm_decode_linear(const element *x, int64_t x_stride, const element *packed
                        const element *bias, element *out, int64_t out_stride, int64_t rows,
                        int64_t n, int64_t k, element *scratch, int32_t threads) {
     const int64_t groups = (rows + LINEAR_ROWS - 1) / LINEAR_ROWS;
-#ifdef GLM_BF16
-    const int64_t steps = k / 2, step_elements = 32;
-    uint32_t *pairs = (uint32_t *)scratch;
+    const int64_t steps = k / PAIR, step_elements = 16 * PAIR;
+    unit *columns = (unit *)scratch;
     for (int64_t g = 0; g < groups; ++g)
         for (int64_t i = 0; i < steps; ++i)
             for (int64_t j = 0; j < LINEAR_ROWS; ++j) {
                 const int64_t m = g * LINEAR_ROWS + j;
-                pairs[(g * steps + i) * LINEAR_ROWS + j] =
-                    m < rows ? *(const uint32_t *)(x + m * x_stride + 2 * i) : 0u;
+                unit value = 0;
+                if (m < rows) memcpy(&value, x + m * x_stride + PAIR * i, sizeof value);
+                columns[(g * steps + i) * LINEAR_ROWS + j] = value;
             }
-#else
-    const int64_t steps = k, step_elements = 16;
-    for (int64_t g = 0; g < groups; ++g)
-        for (int64_t i = 0; i < steps; ++i)
-            for (int64_t j = 0; j < LINEAR_ROWS; ++j) {
-                const int64_t m = g * LINEAR_ROWS + j;
-                scratch[(g * steps + i) * LINEAR_ROWS + j] = m < rows ? x[m * x_stride + i] : 0.f;
-            }
-#endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t panel = 0; panel < n / 16; ++panel) {
         const element *w = packed + panel * k * 16;
@@ -224,15 +220,14 @@ void glm_decode_linear(const element *x, int64_t x_stride, const element *packed
             for (int64_t i = 0; i < steps; ++i) {
                 const element *weights = w + i * step_elements;
                 if (g == 0) _mm_prefetch((const char *)weights + PREFETCH_BYTES, _MM_HINT_T0);
+                const unit *column = columns + (g * steps + i) * LINEAR_ROWS;
 #ifdef GLM_BF16
                 const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)weights);
-                const uint32_t *column = pairs + (g * steps + i) * LINEAR_ROWS;
                 for (int j = 0; j < LINEAR_ROWS; ++j)
                     acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_set1_epi32((int)column[j]),
                                               wv);
 #else
                 const __m512 wv = _mm512_loadu_ps(weights);
-                const float *column = scratch + (g * steps + i) * LINEAR_ROWS;
                 for (int j = 0; j < LINEAR_ROWS; ++j)
                     acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(column[j]), wv, acc[j]);
 #endif
