@@ -127,6 +127,13 @@ def recompute_context_rows(output: torch.Tensor, query: torch.Tensor, key: torch
     output[rows[valid]] = attended[valid]
 
 
+def _cpu_kernels_read(layer, rows: torch.Tensor) -> bool:
+    """Whether `cpu_decode`'s kernels can read this layer's cache for these rows (its
+    layout, an unquantized cache of their dtype, a CPU that has the kernels)."""
+    return layer.impl.kv_cache_dtype == "auto" and cpu_decode.usable(
+        rows, layer.kv_cache, getattr(layer, "isa", ""))
+
+
 def glm_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   output: torch.Tensor, block: torch.Tensor, layer_name: str) -> None:
     """GLM-masked paged attention of one layer for the whole step, written into `output`;
@@ -146,8 +153,7 @@ def glm_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if slots is not None and not layer.attn_backend.forward_includes_kv_cache_update:
         impl.do_kv_cache_update(layer, key, value, layer.kv_cache, slots)
     if metadata.max_query_len == 1:  # decodes only: causal attention is GLM's pattern
-        if impl.kv_cache_dtype == "auto" and cpu_decode.usable(query, layer.kv_cache,
-                                                               getattr(layer, "isa", "")):
+        if _cpu_kernels_read(layer, query):
             requests = metadata.seq_lens.numel()
             cpu_decode.decode_attention(query[:requests], layer.kv_cache, metadata.block_table,
                                         metadata.seq_lens, output[:requests])
@@ -180,8 +186,7 @@ def decode_step(layer_name: str, x: torch.Tensor
     slots = context.slot_mapping.get(layer_name)
     if (metadata.max_query_len != 1 or slots is None or metadata.seq_lens.numel() != x.shape[0]
             or layer.attn_backend.forward_includes_kv_cache_update
-            or layer.impl.kv_cache_dtype != "auto"
-            or not cpu_decode.usable(x, layer.kv_cache, getattr(layer, "isa", ""))):
+            or not _cpu_kernels_read(layer, x)):
         return None
     return layer.kv_cache, metadata.block_table, metadata.seq_lens, slots
 
